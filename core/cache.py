@@ -46,7 +46,7 @@ class HyenaCache:
     """Hyena's state: the short-conv inputs and the history of every long-convolution input.
 
     short_state: [B, (order + 1) * d_model, short_filter_order - 1].
-    history:     one [B, d_model, max_seqlen] buffer per long convolution (``order`` of them).
+    history:     one [B, d_model, max_seqlen] buffer per long convolution (``order - 1`` of them).
     length:      how many positions are filled.
     """
 

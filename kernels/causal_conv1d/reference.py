@@ -43,6 +43,10 @@ def _conv_one(
     if initial_state is None:
         initial_state = x.new_zeros(batch, dim, width - 1, dtype=dtype)
     padded = torch.cat([initial_state.to(dtype), x.to(dtype)], dim=-1)
+    if x.shape[-1] == 0:
+        # An empty sequence (a repeated cu_seqlens entry): no output, the state passes through.
+        # F.conv1d would refuse an input shorter than the kernel.
+        return padded[..., :0], padded
     y = F.conv1d(padded, weight.to(dtype).unsqueeze(1), None if bias is None else bias.to(dtype), groups=dim)
     final_state = padded[..., padded.shape[-1] - (width - 1):]
     return _apply_activation(y, activation), final_state
