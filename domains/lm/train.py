@@ -28,7 +28,8 @@ from domains.lm.data import PreparedData, prepare
 
 def model_config_from(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     """The model group's preset with its overrides, sized to the tokenizer's vocabulary."""
-    overrides: dict[str, Any] = OmegaConf.to_container(cfg.model.get("overrides") or {}, resolve=True)  # type: ignore[assignment]
+    node = cfg.model.get("overrides")
+    overrides: dict[str, Any] = OmegaConf.to_container(node, resolve=True) if node else {}  # type: ignore[assignment]
     config = get_preset(cfg.model.preset, **overrides)
     config.vocab_size = vocab_size
     config.domain = "lm"
