@@ -16,6 +16,14 @@ __all__ = ["causal_conv1d", "causal_conv1d_step"]
 _FORWARD = {"reference": causal_conv1d_reference}
 _STEP = {"reference": causal_conv1d_step_reference}
 
+try:  # The Triton kernels need triton importable (a GPU, or TRITON_INTERPRET=1 on CPU).
+    from kernels.causal_conv1d.triton import causal_conv1d_step_triton, causal_conv1d_triton
+except ImportError:  # pragma: no cover - machines without triton keep the reference backend
+    pass
+else:
+    _FORWARD["triton"] = causal_conv1d_triton
+    _STEP["triton"] = causal_conv1d_step_triton
+
 
 def _check(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None) -> None:
     if x.dim() != 3:

@@ -8,6 +8,13 @@ Computation in float32 (float64 for float64 inputs); the output has x's dtype.
 - gated, norm_before_gate=True:             y = rms(x) * weight * silu(z)
 With ``group_size`` < D the mean runs over contiguous groups of the last dimension (Mamba-2 normalizes
 each group of heads that shares B and C separately).
+
+Fused residual add (the pre-norm block pattern), when ``residual`` (like x) or ``residual_out_dtype``
+is given: ``residual_out = (x + residual)`` computed in float32 and stored in ``residual_out_dtype``
+(default: residual's dtype, or x's without a residual; pass torch.float32 to keep the residual
+stream in fp32), then ``out`` is the norm above applied to ``residual_out``; returns
+``(out, residual_out)``. Gradients reaching residual_out (through the norm and directly) flow to both
+x and residual.
 """
 
 from __future__ import annotations
@@ -23,9 +30,20 @@ def rms_norm_reference(
     z: torch.Tensor | None = None,
     group_size: int | None = None,
     norm_before_gate: bool = False,
-) -> torch.Tensor:
-    """Reference (gated) RMSNorm; see the module docstring."""
+    residual: torch.Tensor | None = None,
+    residual_out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference (gated) RMSNorm, optionally after a residual add; see the module docstring."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if residual is not None or residual_out_dtype is not None:
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual_out_dtype is None:
+            residual_out_dtype = residual.dtype
+        summed = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+        residual_out = summed.to(residual_out_dtype)
+        out = rms_norm_reference(residual_out.to(dtype), weight, eps, z, group_size, norm_before_gate)
+        return out.to(x.dtype), residual_out
     hidden = x.to(dtype)
     if z is not None and not norm_before_gate:
         hidden = hidden * F.silu(z.to(dtype))
