@@ -2,12 +2,14 @@
 
 The public functions check shapes and pick a backend through :mod:`kernels.dispatch`:
 ``reference`` (the sequential recurrence, ``reference.py``, which documents the semantics) or
-``chunked`` (the SSD block decomposition, ``chunked.py``; the default on CPU). ``reference.py`` also
+``chunked`` (the SSD block decomposition, ``chunked.py``; the default on CPU) or ``triton`` (the GPU
+kernels, ``triton.py``; the default on CUDA). ``reference.py`` also
 holds the quadratic (attention-like) form, ``ssd_quadratic``, used by the tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from numbers import Real
 
@@ -21,6 +23,24 @@ __all__ = ["ssd", "ssd_step", "ssd_quadratic"]
 
 _FORWARD = {"reference": ssd_reference, "chunked": ssd_chunked}
 _STEP = {"reference": ssd_step_reference}
+
+
+def _ssd_triton(*args):
+    # Imported on first use, not with this package: triton.jit decides between compiling and
+    # interpreting (TRITON_INTERPRET=1) when the kernels are defined, so defining them late lets a
+    # test session turn the interpreter on after this package was imported.
+    from kernels.ssd.triton import ssd_triton
+    return ssd_triton(*args)
+
+
+def _ssd_step_triton(*args):
+    from kernels.ssd.triton import ssd_step_triton
+    return ssd_step_triton(*args)
+
+
+if importlib.util.find_spec("triton") is not None:  # the Triton kernels (``triton.py``)
+    _FORWARD["triton"] = _ssd_triton
+    _STEP["triton"] = _ssd_step_triton
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
