@@ -1,0 +1,168 @@
+"""Mamba-1 mixer (S6), as ``mamba_ssm.modules.mamba_simple.Mamba``, with Jamba's optional inner norms.
+
+    x [B, L, d_model]
+      -> in_proj -> x [d_inner] | z [d_inner]
+      x -> causal depthwise conv1d (width d_conv) -> SiLU
+      x -> x_proj -> dt [dt_rank] | B [d_state] | C [d_state]
+           (inner_norms: RMSNorm on each of dt, B, C, as transformers' JambaMambaMixer)
+      dt -> dt_proj (weight only; its bias is the scan's delta_bias)
+      y = selective_scan(x, dt, A = -exp(A_log), B, C, D, z, delta_bias, softplus)   (y *= silu(z))
+      -> out_proj -> [B, L, d_model]
+
+with d_inner = expand * d_model and dt_rank = ceil(d_model / 16) unless given. Parameter names and
+shapes are mamba_ssm's (and transformers' MambaMixer / JambaMambaMixer's), so checkpoints load by name.
+The conv and the scan run through :mod:`kernels.causal_conv1d` and :mod:`kernels.selective_scan`, whose
+initial and final states make prefill and one-token decoding exact continuations of each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.cache import ConvSSMCache
+from core.config import Mamba1Config
+from core.layers.norm import RMSNorm
+from kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
+from kernels.selective_scan import selective_scan, selective_scan_step
+
+
+class Mamba1(nn.Module):
+    """The Mamba-1 mixer. forward: x [B, L, d_model] (any float dtype) -> y [B, L, d_model], x's dtype.
+
+    ``A_log`` [d_inner, d_state], ``D`` [d_inner] and ``dt_proj.bias`` [d_inner] are created in float32
+    whatever ``dtype`` says, as mamba_ssm does: they set the decay rates, which bf16 rounds badly. They
+    carry ``_no_weight_decay``; the dt bias also ``_no_reinit`` (the backbone's init leaves it alone).
+    """
+
+    def __init__(self, d_model: int, config: Mamba1Config, layer_idx: int = 0, norm_eps: float = 1e-5,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if config.dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba1: dt_init must be 'random' or 'constant', got {config.dt_init!r}")
+        if not 0 < config.dt_min <= config.dt_max:
+            raise ValueError(f"Mamba1: need 0 < dt_min <= dt_max, got {config.dt_min}, {config.dt_max}")
+        self.d_model = d_model
+        self.config = config
+        self.layer_idx = layer_idx
+        self.d_inner = config.expand * d_model
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.dt_rank = config.resolved_dt_rank(d_model)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=config.bias, **factory)
+        # padding = d_conv - 1 only so that the module alone matches mamba_ssm's; forward calls the kernel.
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=self.d_conv, groups=self.d_inner,
+                                padding=self.d_conv - 1, bias=config.conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        if config.inner_norms:
+            self.dt_layernorm = RMSNorm(self.dt_rank, eps=norm_eps, **factory)
+            self.b_layernorm = RMSNorm(self.d_state, eps=norm_eps, **factory)
+            self.c_layernorm = RMSNorm(self.d_state, eps=norm_eps, **factory)
+
+        # dt_proj keeps dt's variance at init: weight uniform (or constant) at dt_rank^-0.5 * dt_scale.
+        dt_init_std = self.dt_rank**-0.5 * config.dt_scale
+        with torch.no_grad():
+            if config.dt_init == "constant":
+                self.dt_proj.weight.fill_(dt_init_std)
+            else:
+                self.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
+        # dt bias: dt log-uniform in [dt_min, dt_max], floored, through the inverse of softplus so that
+        # softplus(bias) starts at that dt.
+        dt = torch.exp(torch.rand(self.d_inner, device=device) * (math.log(config.dt_max) - math.log(config.dt_min))
+                       + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
+        self.dt_proj.bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A[d, n] = -(n + 1) for every channel.
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        for param in (self.A_log, self.D, self.dt_proj.bias):
+            param._no_weight_decay = True
+        self.dt_proj.bias._no_reinit = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias, **factory)
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int | None = None, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> ConvSSMCache:
+        """Zero states: conv_state [B, d_inner, d_conv - 1] (model dtype), ssm_state [B, d_inner, d_state]
+        (float32; float64 for a float64 model, so that a float64 decode loses nothing). The state does not
+        grow with the sequence, so ``max_seqlen`` is not needed."""
+        device = self.in_proj.weight.device if device is None else device
+        dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return ConvSSMCache(
+            conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
+        )
+
+    def _A(self) -> torch.Tensor:
+        A_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
+        return -torch.exp(A_log)
+
+    def forward(self, x: torch.Tensor, cache: ConvSSMCache | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d_model]; cache: continue from it and leave the state after x in it (L == 1 is a
+        decoding step); padding_mask bool [B, L], True at real tokens, False at left padding."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Mamba1 expects x of shape [B, L, d_model={self.d_model}], got {tuple(x.shape)}")
+        batch, seqlen, _ = x.shape
+        if padding_mask is not None and tuple(padding_mask.shape) != (batch, seqlen):
+            raise ValueError(f"Mamba1: padding_mask must be bool [B, L] = {[batch, seqlen]}, "
+                             f"got {tuple(padding_mask.shape)}")
+        if cache is not None and cache.conv_state.shape[0] != batch:
+            raise ValueError(f"Mamba1: the cache holds batch {cache.conv_state.shape[0]}, x has batch {batch}")
+
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, d_inner] each
+        keep = None if padding_mask is None else padding_mask.to(xs.dtype).unsqueeze(-1)  # [B, L, 1]
+        if keep is not None:
+            # Zeroing pads before the conv keeps them out of the first real positions' windows.
+            xs = xs * keep
+        weight = self.conv1d.weight.squeeze(1)  # [d_inner, d_conv]
+        step = cache is not None and seqlen == 1
+
+        if step:
+            xs = causal_conv1d_step(xs[:, 0], cache.conv_state, weight, self.conv1d.bias, "silu").unsqueeze(1)
+        elif cache is not None:
+            xs, conv_final = causal_conv1d(xs.transpose(1, 2), weight, self.conv1d.bias, "silu",
+                                           initial_state=cache.conv_state, return_final_state=True)
+            xs = xs.transpose(1, 2)
+        else:
+            xs = causal_conv1d(xs.transpose(1, 2), weight, self.conv1d.bias, "silu").transpose(1, 2)
+        if keep is not None:
+            # The conv output at a pad is silu(bias), not 0: zero the scan input so pads add nothing to the
+            # state. A pad still decays the state, which is zero before the first real token.
+            xs = xs * keep
+
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.config.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt = F.linear(dt, self.dt_proj.weight)  # [B, L, d_inner]; the bias goes in as the scan's delta_bias
+        A = self._A()
+
+        if step:
+            y = selective_scan_step(cache.ssm_state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D,
+                                    z=z[:, 0], dt_bias=self.dt_proj.bias, dt_softplus=True).unsqueeze(1)
+        else:
+            result = selective_scan(
+                xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D,
+                z=z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
+                # A clone: the cache is overwritten below, after autograd may have saved its state.
+                initial_state=None if cache is None else cache.ssm_state.clone(),
+                return_final_state=cache is not None)
+            if cache is not None:
+                y, ssm_final = result
+                cache.conv_state.copy_(conv_final)
+                cache.ssm_state.copy_(ssm_final)
+            else:
+                y = result
+            y = y.transpose(1, 2)  # [B, L, d_inner]
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
+                f"dt_rank={self.dt_rank}, inner_norms={self.config.inner_norms}")
