@@ -1,0 +1,272 @@
+"""Triton selective scan (forward, backward, step) against the reference, on CPU through
+TRITON_INTERPRET=1 at small shapes: every optional input (D, z, delta_bias, softplus, initial state),
+shared / grouped / mixed B and C, packed sequences with empty and one-token ones, odd lengths and L=1,
+several tiles and channel blocks per program (carries, partial-row reductions), dtypes, bit-identical
+gradients on re-run, the in-place step, torch.library checks and the errors for what the kernels cannot
+take.
+
+The interpreter runs ``tl.associative_scan`` one element at a time in Python; the fixture below swaps in
+an equivalent that combines whole slices along the scan axis (same order of combines, same results),
+which keeps the file well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from kernels.dispatch import forced_backend  # noqa: E402
+from kernels.selective_scan import selective_scan, selective_scan_step  # noqa: E402
+from kernels.selective_scan.reference import selective_scan_reference, selective_scan_step_reference  # noqa: E402
+
+try:
+    from kernels.selective_scan import triton as ss_triton  # noqa: E402
+except Exception as error:  # pragma: no cover - triton present but unusable here
+    pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _sliced_scan(self, inputs):
+    """ScanOps.generic_scan, one combine per position of the scan axis instead of per element."""
+    axis = self.axis
+    datas = [np.moveaxis(arg.handle.data, axis, 0) for arg in inputs]
+    outs = [np.empty_like(d) for d in datas]
+    acc = None
+    for k in range(datas[0].shape[0]):
+        cur = tuple(self.to_tensor(np.ascontiguousarray(d[k]), arg.dtype) for d, arg in zip(datas, inputs))
+        if acc is None:
+            acc = cur
+        else:
+            ret = self.combine_fn.fn(*acc, *cur)
+            acc = ret if isinstance(ret, tuple) else (ret,)
+        for out, value in zip(outs, acc):
+            out[k] = value.handle.data
+    return [self.to_tensor(np.moveaxis(out, 0, axis), arg.dtype) for out, arg in zip(outs, inputs)]
+
+
+@pytest.fixture(autouse=True)
+def fast_interpreter_scan(monkeypatch):
+    if INTERPRET:
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.ScanOps, "generic_scan", _sliced_scan)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 channels x 8 positions: several tiles and channel blocks per case."""
+    monkeypatch.setitem(ss_triton.TILES, "fwd", (4, 8, 1))
+    monkeypatch.setitem(ss_triton.TILES, "bwd", (4, 8, 1))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(batch, dim, L, dstate, dtype, *, groups_b=None, groups_c=None, D=True, z=True, bias=True,
+         states=None, seed=0):
+    """Inputs in the order (u, delta, A, B, C, D, z, delta_bias, initial_state); None for absent ones."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE)
+
+    def bc(groups):
+        return r(batch, dstate, L) if groups is None else r(batch, groups, dstate, L)
+
+    return [r(batch, dim, L).to(dtype), r(batch, dim, L, scale=0.5).to(dtype),
+            -torch.rand(dim, dstate, generator=gen, dtype=torch.float64).to(DEVICE) * 2 - 0.1,
+            bc(groups_b).to(dtype), bc(groups_c).to(dtype),
+            r(dim) if D else None, r(batch, dim, L).to(dtype) if z else None,
+            r(dim, scale=0.3) if bias else None, r(states, dim, dstate) if states else None]
+
+
+def run_both(inputs, softplus=True, cu_seqlens=None):
+    """Outputs (y, final state) and the gradients of every present input, for the triton op and for
+    the float64 reference, under the same random output gradients."""
+    gen = torch.Generator().manual_seed(1)
+    results, grads_out = [], None
+    for backend in ("triton", "reference"):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+        if backend == "reference":
+            leaves = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+        u, delta, A, B, C, D, z, bias, init = leaves
+        with forced_backend(backend, "selective_scan"):
+            y, final = selective_scan(u, delta, A, B, C, D, z, bias, softplus, init, True, cu_seqlens)
+        if grads_out is None:
+            grads_out = (torch.randn(y.shape, generator=gen, dtype=torch.float64).to(DEVICE),
+                         torch.randn(final.shape, generator=gen, dtype=torch.float64).to(DEVICE))
+        present = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad([y, final], present, [grads_out[0].to(y.dtype), grads_out[1].to(final.dtype)])
+        results.append(((y, final), grads))
+    return results
+
+
+def assert_close(results, tol):
+    (ours, g_ours), (ref, g_ref) = results
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < tol
+    assert len(g_ours) == len(g_ref)
+    for a, b in zip(g_ours, g_ref):
+        assert a.shape == b.shape
+        assert rel(a, b) < tol, [f"{rel(x, y):.1e}" for x, y in zip(g_ours, g_ref)]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),                                                     # D, z, delta_bias, softplus, states
+    dict(D=False, z=False, bias=False, softplus=False, states=False),
+])
+def test_matches_reference_forward_backward(options):
+    options = dict(options)
+    softplus = options.pop("softplus", True)
+    states = 2 if options.pop("states", True) else None
+    inputs = make(2, 5, 37, 3, torch.float64, states=states, **options)
+    results = run_both(inputs, softplus)
+    assert_close(results, TOL[torch.float64])
+    (y, final), grads = results[0]
+    assert y.dtype == torch.float64 and final.shape == (2, 5, 3)
+    assert len(grads) == sum(t is not None for t in inputs)
+
+
+@pytest.mark.parametrize("groups", [(3, 3), (None, 3), (3, None)])
+def test_grouped_and_mixed_bc(groups):
+    inputs = make(1, 6, 19, 4, torch.float64, groups_b=groups[0], groups_c=groups[1], states=1)
+    results = run_both(inputs)
+    assert_close(results, TOL[torch.float64])
+    # B's gradient keeps B's layout (shared [B, N, L] or grouped [B, G, N, L])
+    assert results[0][1][3].shape == inputs[3].shape and results[0][1][4].shape == inputs[4].shape
+
+
+def test_several_tiles_and_blocks_deterministic(small_tiles):
+    # N=16 (a full Mamba state), 3 channel blocks in each of 2 groups, 5 tiles with a ragged last one
+    inputs = make(2, 10, 35, 16, torch.float32, groups_b=2, groups_c=2, states=2)
+    first = run_both(inputs)
+    assert_close(first, TOL[torch.float32])
+    again = run_both(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(first[0][1], again[0][1]))
+    assert all(torch.equal(a, b) for a, b in zip(first[0][0], again[0][0]))
+
+
+def test_varlen_with_empty_and_one_token_sequences(small_tiles):
+    lengths = [5, 0, 1, 12, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+    inputs = make(1, 5, sum(lengths), 3, torch.float64, states=len(lengths))
+    results = run_both(inputs, cu_seqlens=cu)
+    assert_close(results, TOL[torch.float64])
+    # the empty sequence: its final state is its initial state (its gradient passing straight through
+    # is part of the comparison above)
+    (_, final), _ = results[0]
+    assert rel(final[1], inputs[8][1]) < 1e-12
+
+
+def test_varlen_equals_separate_runs():
+    cu = torch.tensor([0, 6, 13], dtype=torch.int64, device=DEVICE)
+    u, delta, A, B, C, D, z, bias, _ = make(1, 4, 13, 2, torch.float32)
+    packed = ss_triton.selective_scan_triton(u, delta, A, B, C, D, z, bias, True, cu_seqlens=cu)
+    parts = [ss_triton.selective_scan_triton(u[..., s:e], delta[..., s:e], A, B[..., s:e], C[..., s:e], D,
+                                             z[..., s:e], bias, True) for s, e in ((0, 6), (6, 13))]
+    assert rel(packed, torch.cat(parts, -1)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(dtype):
+    inputs = make(2, 4, 21, 4, dtype, states=2)
+    results = run_both(inputs)
+    (y, final), grads = results[0]
+    assert y.dtype == dtype and final.dtype == torch.float32
+    assert grads[0].dtype == dtype and grads[2].dtype == torch.float64  # du in u's dtype, dA in A's
+    assert_close(results, TOL[dtype])
+
+
+def test_length_one():
+    inputs = make(3, 4, 1, 3, torch.float64, states=3)
+    assert_close(run_both(inputs), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_step_updates_state_in_place(dtype, groups):
+    gen = torch.Generator().manual_seed(3)
+    batch, dim, dstate = 3, 6, 5
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    x, dt, z = r(batch, dim).to(dtype), r(batch, dim).to(dtype), r(batch, dim).to(dtype)
+    A = -torch.rand(dim, dstate, generator=gen, dtype=torch.float64).to(DEVICE)
+    bshape = (batch, dstate) if groups is None else (batch, groups, dstate)
+    B, C = r(*bshape).to(dtype), r(*bshape).to(dtype)
+    D, dt_bias = r(dim), r(dim)
+    state = r(batch, dim, dstate).float() if dtype != torch.float64 else r(batch, dim, dstate)
+    ours_state, ref_state = state.clone(), state.clone()
+    with forced_backend("triton", "selective_scan_step"):
+        y = selective_scan_step(ours_state, x, dt, A, B, C, D, z, dt_bias, True)
+    y_ref = selective_scan_step_reference(ref_state, x, dt, A, B, C, D, z, dt_bias, True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    assert y.dtype == dtype and rel(y, y_ref) < tol
+    assert rel(ours_state, ref_state) < (1e-12 if dtype == torch.float64 else 1e-6)
+    # the step continues a scan: equal to the scan's last output from the same state
+    y_full = selective_scan_reference(x[..., None].double(), dt[..., None].double(), A, B[..., None].double(),
+                                      C[..., None].double(), D, z[..., None].double(), dt_bias, True, state)
+    assert rel(y, y_full[..., -1]) < tol
+
+
+def test_library_opcheck_and_fake():
+    u, delta, A, B, C, D, z, bias, init = make(2, 3, 5, 2, torch.float32, states=2)
+    for save in (False, True):
+        torch.library.opcheck(torch.ops.ssm_suite.selective_scan_fwd.default,
+                              (u, delta, A, B, C, D, z, bias, True, init, True, None, save),
+                              test_utils=("test_schema", "test_faketensor"))
+    _, _, ckpt = ss_triton.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, init, True, None, True)
+    torch.library.opcheck(torch.ops.ssm_suite.selective_scan_bwd.default,
+                          (u, delta, A, B, C, D, z, bias, True, init, None, ckpt, torch.randn_like(u),
+                           torch.randn_like(init)),
+                          test_utils=("test_schema", "test_faketensor"))
+    state = torch.randn(2, 3, 2, device=DEVICE)
+    torch.library.opcheck(torch.ops.ssm_suite.selective_scan_step.default,
+                          (state, u[..., 0].contiguous(), delta[..., 0].contiguous(), A, B[..., 0].contiguous(),
+                           C[..., 0].contiguous(), D, None, bias, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_errors_name_the_limit():
+    u, delta, A, B, C, *_ = make(1, 2, 3, 300, torch.float32, D=False, z=False, bias=False)
+    with forced_backend("triton", "selective_scan"), pytest.raises(ValueError, match="N=300"):
+        selective_scan(u, delta, A, B, C)
+    u, delta, A, B, C, *_ = make(1, 2, 3, 2, torch.float32, D=False, z=False, bias=False)
+    with forced_backend("triton", "selective_scan"), pytest.raises(ValueError, match="dtype"):
+        selective_scan(u.to(torch.int32), delta, A, B, C)
+    with forced_backend("triton", "selective_scan"), pytest.raises(ValueError, match="cu_seqlens"):
+        selective_scan(u, delta, A, B, C, cu_seqlens=torch.tensor([0.0, 3.0], device=DEVICE))
+
+
+def test_compiles_without_graph_breaks():
+    # fullgraph: the custom ops are single nodes with fake impls; aot_eager traces the backward too
+    u, delta, A, B, C, D, z, bias, init = make(1, 3, 6, 2, torch.float32, states=1)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias, init)]
+    torch.library.opcheck(torch.ops.ssm_suite.selective_scan_fwd.default,
+                          (*leaves[:8], True, leaves[8], True, None, True),
+                          test_utils=("test_autograd_registration",))
+
+    def fn(*args):
+        y, final = ss_triton.selective_scan_triton(*args[:8], True, args[8], True)
+        return y.sum() + final.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    grads_eager = torch.autograd.grad(fn(*leaves), leaves)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_eager))
