@@ -34,6 +34,11 @@ def run_command(domain: str, commands: Mapping[str, Callable[[DictConfig], objec
     config_dir = CONFIG_ROOT / domain
     if not (config_dir / f"{command}.yaml").exists():
         raise FileNotFoundError(f"missing config {config_dir / command}.yaml (is the checkout complete?)")
-    sys.argv = [f"domains.{domain} {command}", *argv[2:]]
+    rest = argv[2:]
+    # `task selective_copying` reads as `task task=selective_copying`: a bare word names the config
+    # group of the same name as the command.
+    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        rest[0] = f"{command}={rest[0]}"
+    sys.argv = [f"domains.{domain} {command}", *rest]
     app = hydra.main(config_path=str(config_dir), config_name=command, version_base="1.3")(commands[command])
     app()

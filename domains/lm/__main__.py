@@ -5,6 +5,8 @@ Commands (configs under ``configs/lm/``):
     prepare   tokenize a corpus into packed shards (train does this itself)
     eval      perplexity and bits per byte of an export on a split
     generate  sample continuations of prompts from an export
+    task      train a model on a synthetic recall task and print its accuracy per setting
+    probe     long-context probes of an export (needle in a haystack, variable tracking, ppl by position)
 """
 
 from __future__ import annotations
@@ -41,7 +43,20 @@ def _generate(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-COMMANDS = {"train": _train, "prepare": _prepare, "eval": _eval, "generate": _generate}
+def _task(cfg: DictConfig) -> None:
+    from domains.lm.tasks import run_task
+
+    run_task(cfg)
+
+
+def _probe(cfg: DictConfig) -> None:
+    from domains.lm.probes import run_probe
+
+    run_probe(cfg)
+
+
+COMMANDS = {"train": _train, "prepare": _prepare, "eval": _eval, "generate": _generate, "task": _task,
+            "probe": _probe}
 
 
 def main() -> None:
