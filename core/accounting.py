@@ -50,6 +50,8 @@ What each component counts:
   the (L+1)-bin complex product (6 per bin) and the skip term; ``filter_fn`` is the implicit filter MLP
   evaluated at every position once per forward, so per token it is divided by ``batch_size``
   (default 1: an upper bound); ``gates`` are the elementwise gate products.
+- S4D (``L``): ``kernel`` is the Vandermonde product that builds the convolution kernel (about 8
+  FLOPs per mode and position, once per forward: divided by ``batch_size``), ``fft_conv`` as Hyena's.
 - Not counted anywhere: norms, activations, residual adds, the embedding lookup, the loss.
 
 ``torch.utils.flop_counter.FlopCounterMode`` sees matmuls (``mm``/``addmm``/``bmm``), convolutions and
@@ -170,6 +172,15 @@ def mixer_parameters(char: str, config: ModelConfig) -> dict[str, int]:
             "filter_fn": filter_fn,
             "out_proj": _linear(d, d, True),
         }
+    if char == P.S4D:
+        c = config.s4d
+        complex_modes = c.mode == "complex"
+        counts = {"log_dt": d, "A_log": d * c.d_state}
+        if complex_modes:
+            counts["A_imag"] = d * c.d_state
+        counts.update(C=d * c.d_state * (2 if complex_modes else 1), D=d,
+                      out_proj=_linear(d, 2 * d if c.glu else d, True))
+        return counts
     P.validate_pattern(char)
     raise AssertionError(f"no parameter rule for block {char!r}")
 
@@ -307,6 +318,18 @@ def layer_flops(char: str, config: ModelConfig, seq_len: int, batch_size: int = 
             "fft_conv": channels * per_channel,
             "gates": c.order * d,  # order - 1 gates before the convolutions, one after
             "out_proj": 2 * d * d,
+        }
+    if char == P.S4D:
+        c = config.s4d
+        # The kernel (d * d_state modes at every position, ~8 FLOPs per complex multiply-add and
+        # exponential, once per forward and shared by the batch), then an FFT convolution per channel
+        # as Hyena's, the D skip, and the output projection.
+        fft_size = 2 * seq_len
+        per_sequence = 2 * _fft_flops(fft_size) + _fft_flops(fft_size) / batch_size + 6 * (seq_len + 1)
+        return {
+            "kernel": 8 * d * c.d_state / batch_size,
+            "fft_conv": d * (per_sequence / seq_len + 2),
+            "out_proj": 2 * d * (2 * d if c.glu else d),
         }
     P.validate_pattern(char)
     raise AssertionError(f"no FLOP rule for block {char!r}")

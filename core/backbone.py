@@ -223,6 +223,9 @@ def build_mixer(
     elif char == P.HYENA:
         from core.layers.hyena import Hyena as cls
         sub = config.hyena
+    elif char == P.S4D:
+        from core.layers.s4d import S4D as cls
+        sub = config.s4d
     else:
         P.validate_pattern(char)  # raises with the table
         raise AssertionError(f"block character {char!r} is in the table but has no mixer")

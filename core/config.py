@@ -115,6 +115,19 @@ class HyenaConfig:
 
 
 @dataclass
+class S4DConfig:
+    """S4D (Gu et al. 2022), the linear time-invariant SSM of SaShiMi's blocks: diagonal state with fixed
+    (input-independent) dynamics, an FFT convolution of its kernel in training, a recurrence in decoding.
+    See :mod:`core.layers.s4d`."""
+
+    d_state: int = 32  # modes per channel (complex modes with mode="complex": S4D-Lin, else S4D-Real)
+    mode: str = "complex"  # "complex" (S4D-Lin init) or "real" (S4D-Real init)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    glu: bool = True  # SaShiMi's post-activation: out_proj to 2 d_model, then a GLU
+
+
+@dataclass
 class ModelConfig:
     """A sequence model: a pattern of blocks over a shared width, with an embedding and a head.
 
@@ -136,6 +149,7 @@ class ModelConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     hyena: HyenaConfig = field(default_factory=HyenaConfig)
+    s4d: S4DConfig = field(default_factory=S4DConfig)
     name: str = ""
     domain: str = "lm"
 
@@ -181,4 +195,5 @@ _SUBCONFIGS: dict[str, type] = {
     "mlp": MLPConfig,
     "moe": MoEConfig,
     "hyena": HyenaConfig,
+    "s4d": S4DConfig,
 }

@@ -12,6 +12,7 @@ char   block                        from
 ``E``  mixture of experts           Megatron-LM hybrid (``Symbols.MOE``)
 ``S``  Mamba-1 (S6)                 ours
 ``H``  Hyena                        ours
+``L``  S4D (LTI, SaShiMi baseline)  ours
 =====  ===========================  =============================================
 
 So a Transformer++ layer (attention then MLP) is two characters ``*-``, a Mamba-1 LM of 24 layers is
@@ -39,6 +40,7 @@ MLP = "-"
 MOE = "E"
 MAMBA1 = "S"
 HYENA = "H"
+S4D = "L"  # linear time-invariant SSM: fixed dynamics, FFT convolution in training
 
 # char -> (block, origin); the order is the table's.
 LAYER_TYPES: dict[str, tuple[str, str]] = {
@@ -48,10 +50,11 @@ LAYER_TYPES: dict[str, tuple[str, str]] = {
     MOE: ("mixture of experts", "Megatron-LM"),
     MAMBA1: ("Mamba-1 (S6)", "ours"),
     HYENA: ("Hyena", "ours"),
+    S4D: ("S4D (LTI SSM)", "ours"),
 }
 
 # Blocks that carry state from token to token (their mixers allocate an inference cache).
-SEQUENCE_MIXERS = frozenset({MAMBA2, ATTENTION, MAMBA1, HYENA})
+SEQUENCE_MIXERS = frozenset({MAMBA2, ATTENTION, MAMBA1, HYENA, S4D})
 # Blocks that act on each position alone.
 CHANNEL_MIXERS = frozenset({MLP, MOE})
 

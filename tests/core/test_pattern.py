@@ -44,7 +44,7 @@ def megatron_allocate(total: int, attention_ratio: float, mlp_ratio: float) -> s
 
 
 def test_table_is_the_documented_grammar():
-    assert list(LAYER_TYPES) == ["M", "*", "-", "E", "S", "H"]
+    assert list(LAYER_TYPES) == ["M", "*", "-", "E", "S", "H", "L"]
 
 
 def test_nvidia_hybrid_8b_allocation():
