@@ -167,9 +167,25 @@ class CausalLMModule(L.LightningModule):
             self.log("val/ppl", torch.exp(loss.float()), prog_bar=True, sync_dist=True)
         self._step_started = None  # the validation pause is not training time
 
+    def _uses_grad_scaler(self) -> bool:
+        return self._trainer is not None and str(self.trainer.precision).startswith("16")
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm ourselves: Lightning's mixed-precision plugin refuses to clip for a fused
+        optimizer (it expects one that unscales fp16 gradients itself), but under bf16 and fp32 there
+        is no scaler and the gradients are already the true ones."""
+        if not gradient_clip_val:
+            return
+        if self._uses_grad_scaler() or gradient_clip_algorithm not in (None, "norm"):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optim_config
-        fused = self.device.type == "cuda"
+        # fp16 needs the GradScaler's unscale before clipping, which a fused optimizer takes over.
+        fused = self.device.type == "cuda" and not self._uses_grad_scaler()
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, config), lr=config.lr, betas=config.betas, eps=config.eps,
             fused=fused,
