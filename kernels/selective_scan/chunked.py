@@ -6,8 +6,8 @@ linear recurrence ``h_t = a_t h_{t-1} + x_t`` with ``a_t = exp(dt_t A[d, n])`` a
 sequence advances together:
 
 1. each chunk's last state from a zero start: ``chunk_size`` steps, each one op over all chunks;
-2. a short recurrence across chunks, ``H_k = P_k H_{k-1} + end_k`` with ``P_k = exp(A * sum dt)`` the
-   chunk's total decay, gives every chunk its true start state;
+2. the recurrence across chunks, ``H_k = P_k H_{k-1} + end_k`` with ``P_k = exp(A * sum dt)`` the
+   chunk's total decay, gives every chunk its true start state (a log-depth scan over the chunks);
 3. the in-chunk recurrence again from those start states, written in place over the inputs ``x``, so
    the chunk's whole state history is at hand for the outputs ``y_t = C_t . h_t``.
 
@@ -21,13 +21,15 @@ Why this shape on a CPU: the state history is [B, D, L, N] (33.5M floats at B=2,
 N=16). Materialized op by op it costs a fresh allocation (page faults) and a trip to DRAM per
 elementwise op. So channels go in blocks whose work buffers (about ``_BLOCK_ELEMENTS`` each, allocated
 once per call) stay in cache, and every op writes into them in place. The buffers are
-[chunk position, N, channels, chunk]: the chunks (batch rows x chunks of a row) are the innermost,
-contiguous axis, so every broadcast product (dt * A, dt u * B, h * C) and every reduction runs long
-vectorized inner loops, and a step of the recurrence is one contiguous [N, channels, chunks] slab.
-Each decay is exponentiated once per pass, with exp2 (torch runs it ~2.5x faster than exp), and each
-block's slice of u, dt and the outputs is transposed to and from that order in cache. SSD's masked
-``exp(segsum)`` matrices would not pay here: Mamba-1's decay depends on both d and n, so they are
-[B, D, N, L, chunk] work, ``chunk`` times the recurrence itself.
+[position in chunk, N, channels, chunks]: the chunks (of all batch rows) are the innermost, contiguous
+axis, so every broadcast product (dt * A, dt u * B, h * C) and every reduction runs long vectorized
+inner loops, and a step of the recurrence is one contiguous [N, channels, chunks] slab. Each decay is
+exponentiated once per pass, with exp2 (torch runs it ~2.5x faster than exp), and each block's slice
+of u, dt and the outputs is transposed to and from that order in cache. With chunks of 16 and blocks
+of ~1M elements, forward and backward at B=2, D=512, L=2048, N=16 are ~6,500 ops, and the time is split
+between those ops' fixed cost and memory traffic. SSD's masked ``exp(segsum)`` matrices would not pay
+here: Mamba-1's decay depends on both d and n, so they are [B, D, N, L, chunk] work, ``chunk`` times
+the recurrence itself.
 
 Packed sequences (cu_seqlens) are laid out so that every chunk belongs to one sequence: each sequence
 is padded to whole chunks with dt = 0 and u = 0 (which leave the state unchanged), and the recurrence
@@ -44,10 +46,10 @@ import torch.nn.functional as F
 
 from kernels.selective_scan.reference import compute_dtype, discretize_dt, finish_output, grouped_bc
 
-DEFAULT_CHUNK_SIZE = 64
-# Elements of one [chunk, N, channels, rows] work buffer: four are live in the backward, and together
-# they should stay in the last-level cache.
-_BLOCK_ELEMENTS = 1 << 20
+DEFAULT_CHUNK_SIZE = 16  # measured best at B2 D512 L2048 N16 on 2 cores (scripts/bench_selective_scan_cpu.py)
+# Elements of all [chunk, N, channels, rows] work buffers together (two in the forward, three in the
+# backward): they should stay in the last-level cache.
+_BLOCK_ELEMENTS = 3 << 20
 _LOG2E = 1.0 / math.log(2.0)
 
 
@@ -149,10 +151,10 @@ def _make_layout(batch: int, length: int, chunk_size: int, cu_seqlens: torch.Ten
                    empty, gather_index.to(device), scatter_index.to(device))
 
 
-def _channel_blocks(dim: int, groups: int, per_channel: int) -> list[tuple[int, int, int, int]]:
-    """Channel blocks (d0, d1, g0, m): inside one group (m = 1) or m whole groups from g0 on, sized
-    so that one [c, N, d1 - d0, rows] buffer holds about ``_BLOCK_ELEMENTS`` elements."""
-    width = max(1, _BLOCK_ELEMENTS // per_channel)
+def _channel_blocks(dim: int, groups: int, per_channel: int, buffers: int) -> list[tuple[int, int, int, int]]:
+    """Channel blocks (d0, d1, g0, m): inside one group (m = 1) or m whole groups from g0 on, sized so
+    that ``buffers`` buffers [c, N, d1 - d0, rows] hold about ``_BLOCK_ELEMENTS`` elements together."""
+    width = max(1, _BLOCK_ELEMENTS // (buffers * per_channel))
     group_dim = dim // groups
     blocks = []
     if width >= group_dim:
@@ -168,51 +170,64 @@ def _channel_blocks(dim: int, groups: int, per_channel: int) -> list[tuple[int, 
 
 
 class _Workspace:
-    """Flat buffers reused by every channel block, so that the block loop allocates nothing big."""
+    """Flat buffers reused by every channel block, so that the block loop allocates nothing big. Views
+    (and their per-step slices) are cached by shape: every block but the last has the same one, and
+    creating thousands of views is a visible cost next to ops this small."""
 
     def __init__(self, sizes: list[int], like: torch.Tensor) -> None:
         self.flat = [like.new_empty(size) for size in sizes]
+        self.views: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+    def _view(self, index: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        key = (index, shape)
+        if key not in self.views:
+            view = self.flat[index][: math.prod(shape)].view(shape)
+            self.views[key] = (view, view.unbind(0))
+        return self.views[key]
 
     def get(self, index: int, *shape: int) -> torch.Tensor:
-        return self.flat[index][: math.prod(shape)].view(shape)
+        return self._view(index, shape)[0]
+
+    def steps(self, index: int, *shape: int) -> tuple[torch.Tensor, ...]:
+        """The buffer's slices along its first (chunk position) axis."""
+        return self._view(index, shape)[1]
 
 
-def _chunk_end_states(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Each chunk's last state from a zero start. a, x [c, N, w, rows]; out [N, w, rows]."""
-    a_steps, x_steps = a.unbind(0), x.unbind(0)
-    out.copy_(x_steps[0])
-    for i in range(1, len(a_steps)):
-        torch.addcmul(x_steps[i], a_steps[i], out, out=out)
+Steps = tuple[torch.Tensor, ...]  # a [c, N, w, rows] buffer as c slabs [N, w, rows]
+
+
+def _chunk_end_states(a: Steps, x: Steps, out: torch.Tensor) -> torch.Tensor:
+    """Each chunk's last state from a zero start: h_i = a_i h_{i-1} + x_i. out [N, w, rows]."""
+    out.copy_(x[0])
+    for i in range(1, len(a)):
+        torch.addcmul(x[i], a[i], out, out=out)
     return out
 
 
-def _scan_in_place(a: torch.Tensor, x: torch.Tensor, start: torch.Tensor) -> None:
+def _scan_in_place(a: Steps, x: Steps, start: torch.Tensor) -> None:
     """x becomes the state history: x[i] += a[i] * x[i - 1], with x[-1] = start [N, w, rows]."""
-    a_steps, x_steps = a.unbind(0), x.unbind(0)
-    x_steps[0].addcmul_(a_steps[0], start)
-    for i in range(1, len(a_steps)):
-        x_steps[i].addcmul_(a_steps[i], x_steps[i - 1])
+    x[0].addcmul_(a[0], start)
+    for i in range(1, len(a)):
+        x[i].addcmul_(a[i], x[i - 1])
 
 
-def _adjoint_chunk_start(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """What each chunk's own outputs send back to the state before the chunk (a zero adjoint after
-    it). a, g [c, N, w, rows] with g = C gy; out [N, w, rows]."""
-    a_steps, g_steps = a.unbind(0), g.unbind(0)
-    last = len(a_steps) - 1
-    out.copy_(g_steps[last])
+def _adjoint_chunk_start(a: Steps, g: Steps, out: torch.Tensor) -> torch.Tensor:
+    """What each chunk's own outputs send back to the state before the chunk (a zero adjoint after it),
+    with g = C gy. out [N, w, rows]."""
+    last = len(a) - 1
+    out.copy_(g[last])
     for i in range(last - 1, -1, -1):
-        torch.addcmul(g_steps[i], a_steps[i + 1], out, out=out)
-    return out.mul_(a_steps[0])
+        torch.addcmul(g[i], a[i + 1], out, out=out)
+    return out.mul_(a[0])
 
 
-def _adjoint_in_place(a: torch.Tensor, g: torch.Tensor, end: torch.Tensor) -> None:
-    """g becomes the adjoint history: g[i] += a[i + 1] * g[i + 1], with ``end`` [N, w, rows] (the
-    adjoint arriving from later chunks) added at the chunk's last position."""
-    a_steps, g_steps = a.unbind(0), g.unbind(0)
-    last = len(a_steps) - 1
-    g_steps[last].add_(end)
+def _adjoint_in_place(a: Steps, g: Steps, end: torch.Tensor) -> None:
+    """g becomes the adjoint history: g[i] += a[i + 1] * g[i + 1], with ``end`` [N, w, rows] (the adjoint
+    arriving from later chunks) added at the chunk's last position."""
+    last = len(a) - 1
+    g[last].add_(end)
     for i in range(last - 1, -1, -1):
-        g_steps[i].addcmul_(a_steps[i + 1], g_steps[i + 1])
+        g[i].addcmul_(a[i + 1], g[i + 1])
 
 
 def _linear_scan(decay: torch.Tensor, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -221,7 +236,9 @@ def _linear_scan(decay: torch.Tensor, x: torch.Tensor, reverse: bool = False) ->
     which stay in [0, 1]: nothing overflows."""
     count, shift = x.shape[-1], 1
     while shift < count:
-        now, before = (slice(None, -shift), slice(shift, None)) if reverse else (slice(shift, None), slice(None, -shift))
+        now, before = slice(shift, None), slice(None, -shift)
+        if reverse:
+            now, before = before, now
         x[..., now] = torch.addcmul(x[..., now], decay[..., now], x[..., before])
         if 2 * shift < count:
             decay[..., now] = decay[..., now] * decay[..., before]
@@ -273,8 +290,8 @@ class _ChunkedScan(torch.autograd.Function):
     """The scan without D and z. u, dt [Bt, D, L]; A [D, N]; B, C [Bt, G, N, L]; initial [S, D, N] or
     None; all in the compute dtype. Returns y [Bt, D, L] and the final state [S, D, N].
 
-    Inside, a channel block of w channels lives in buffers [c, N, w, rows] (``grouped``: the w channels
-    split as [m groups, w / m]), B and C in [c, N, G, rows], states in [N, D, rows].
+    Inside, a block of w channels lives in buffers [c, N, w, rows] (``grouped``: the w channels split as
+    [m groups, w / m]), B and C in [c, N, G, rows], dt and u in [c, D, rows], states in [N, D, rows].
     """
 
     @staticmethod
@@ -289,28 +306,30 @@ class _ChunkedScan(torch.autograd.Function):
         A2t = (A.t() * _LOG2E).contiguous()  # [N, D]; exp(dt A) = exp2(dt A log2 e)
         initial_t = None if initial is None else initial.permute(2, 1, 0)  # [N, D, S]
 
+        # dt and u in the chunked order, filled block by block and kept for the backward.
+        dt_c, u_c = u.new_empty(c, dim, rows), u.new_empty(c, dim, rows)
         y_storage, y_tm = layout.new_output(dim, u)
         starts = u.new_empty(dstate, dim, rows)
         final = u.new_empty(dstate, dim, layout.nseq)
-        blocks = _channel_blocks(dim, groups, c * rows * dstate)
+        blocks = _channel_blocks(dim, groups, c * rows * dstate, buffers=2)
         widest = max(d1 - d0 for d0, d1, _, _ in blocks)
-        big, narrow, state = c * dstate * widest * rows, c * widest * rows, dstate * widest * rows
-        work = _Workspace([big, big, narrow, narrow, state], u)
+        work = _Workspace([c * dstate * widest * rows] * 2 + [c * widest * rows, dstate * widest * rows], u)
         for d0, d1, g0, m in blocks:
             width = d1 - d0
             shape, grouped = (c, dstate, width, rows), (c, dstate, m, width // m, rows)
             a, x = work.get(0, *shape), work.get(1, *shape)
-            dt_b, dtu_b = work.get(2, c, width, rows), work.get(3, c, width, rows)
-            dt_b.view(c, width, lanes, chunks).copy_(dt_tm[:, d0:d1])
-            dtu_b.view(c, width, lanes, chunks).copy_(u_tm[:, d0:d1])
-            dtu_b.mul_(dt_b)
+            a_steps, x_steps = work.steps(0, *shape), work.steps(1, *shape)
+            dt_b, u_b, dtu_b = dt_c[:, d0:d1], u_c[:, d0:d1], work.get(2, c, width, rows)
+            dt_b.unflatten(-1, (lanes, chunks)).copy_(dt_tm[:, d0:d1])
+            u_b.unflatten(-1, (lanes, chunks)).copy_(u_tm[:, d0:d1])
+            torch.mul(dt_b, u_b, out=dtu_b)
             torch.mul(dt_b[:, None], A2t[:, d0:d1, None], out=a).exp2_()
             torch.mul(dtu_b.view(c, 1, m, width // m, rows), Bc[:, :, g0 : g0 + m, None], out=x.view(grouped))
-            end = _chunk_end_states(a, x, work.get(4, dstate, width, rows))
+            end = _chunk_end_states(a_steps, x_steps, work.get(3, dstate, width, rows))
             decay = torch.exp2(dt_b.sum(0) * A2t[:, d0:d1, None])
             _across_chunks(layout, end, decay, starts[:, d0:d1],
                            None if initial_t is None else initial_t[:, d0:d1], final[:, d0:d1])
-            _scan_in_place(a, x, starts[:, d0:d1])
+            _scan_in_place(a_steps, x_steps, starts[:, d0:d1])
             y_b = torch.mul(x.view(grouped), Cc[:, :, g0 : g0 + m, None], out=a.view(grouped)).sum(1)
             y_tm[:, d0:d1] = y_b.view(c, width, lanes, chunks)
         for seq in layout.empty:
@@ -318,63 +337,63 @@ class _ChunkedScan(torch.autograd.Function):
 
         ctx.layout = layout
         ctx.has_initial = initial is not None
-        ctx.save_for_backward(u, dt, A, Bc, Cc, starts)
+        ctx.save_for_backward(u_c, dt_c, A, Bc, Cc, starts)
         return layout.finish(y_storage), final.permute(2, 1, 0).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_final):
         layout: _Layout = ctx.layout
-        u, dt, A, Bc, Cc, starts = ctx.saved_tensors
+        u_c, dt_c, A, Bc, Cc, starts = ctx.saved_tensors
         c, lanes, chunks, rows = layout.chunk, layout.lanes, layout.chunks, layout.rows
         dim, dstate = A.shape
         groups = Bc.shape[2]
-        u_tm, dt_tm = layout.time_major(u), layout.time_major(dt)
-        gy_tm = layout.time_major(grad_y.to(u.dtype))
-        grad_final_t = None if grad_final is None else grad_final.to(u.dtype).permute(2, 1, 0)  # [N, D, S]
+        gy_tm = layout.time_major(grad_y.to(u_c.dtype))
+        grad_final_t = None if grad_final is None else grad_final.to(u_c.dtype).permute(2, 1, 0)  # [N, D, S]
         At = A.t().contiguous()
         A2t = At * _LOG2E
 
-        du_storage, du_tm = layout.new_output(dim, u)
-        ddt_storage, ddt_tm = layout.new_output(dim, u)
-        grad_At = u.new_empty(dstate, dim)
-        grad_Bc = u.new_zeros(c, dstate, groups, rows)
-        grad_Cc = u.new_zeros(c, dstate, groups, rows)
-        grad_initial = u.new_zeros(dstate, dim, layout.nseq)
-        blocks = _channel_blocks(dim, groups, c * rows * dstate)
+        du_storage, du_tm = layout.new_output(dim, u_c)
+        ddt_storage, ddt_tm = layout.new_output(dim, u_c)
+        grad_At = u_c.new_empty(dstate, dim)
+        grad_Bc = u_c.new_zeros(c, dstate, groups, rows)
+        grad_Cc = u_c.new_zeros(c, dstate, groups, rows)
+        grad_initial = u_c.new_zeros(dstate, dim, layout.nseq)
+        blocks = _channel_blocks(dim, groups, c * rows * dstate, buffers=3)
         widest = max(d1 - d0 for d0, d1, _, _ in blocks)
         big, narrow, state = c * dstate * widest * rows, c * widest * rows, dstate * widest * rows
-        work = _Workspace([big] * 4 + [narrow] * 4 + [state] * 2, u)
+        work = _Workspace([big] * 3 + [narrow] * 2 + [state] * 2, u_c)
         for d0, d1, g0, m in blocks:
             width = d1 - d0
             shape, grouped = (c, dstate, width, rows), (c, dstate, m, width // m, rows)
-            a, h, lam, tmp = (work.get(i, *shape) for i in range(4))
-            dt_b, u_b, dtu_b, gy_b = (work.get(i, c, width, rows) for i in range(4, 8))
-            for buf, src in ((dt_b, dt_tm), (u_b, u_tm), (gy_b, gy_tm)):
-                buf.view(c, width, lanes, chunks).copy_(src[:, d0:d1])
+            a, h, lam = (work.get(i, *shape) for i in range(3))
+            a_steps, h_steps, lam_steps = (work.steps(i, *shape) for i in range(3))
+            dt_b, u_b = dt_c[:, d0:d1], u_c[:, d0:d1]
+            dtu_b, gy_b = work.get(3, c, width, rows), work.get(4, c, width, rows)
+            gy_b.unflatten(-1, (lanes, chunks)).copy_(gy_tm[:, d0:d1])
             torch.mul(dt_b, u_b, out=dtu_b)
             B_blk, C_blk = Bc[:, :, g0 : g0 + m, None], Cc[:, :, g0 : g0 + m, None]  # [c, N, m, 1, rows]
             start = starts[:, d0:d1]
             # The state history again, from the saved chunk start states.
             torch.mul(dt_b[:, None], A2t[:, d0:d1, None], out=a).exp2_()
             torch.mul(dtu_b.view(c, 1, m, width // m, rows), B_blk, out=h.view(grouped))
-            _scan_in_place(a, h, start)
-            grad_Cc[:, :, g0 : g0 + m] += torch.mul(h, gy_b[:, None], out=tmp).view(grouped).sum(3)
+            _scan_in_place(a_steps, h_steps, start)
+            grad_Cc[:, :, g0 : g0 + m] += torch.mul(h, gy_b[:, None], out=lam).view(grouped).sum(3)
             # The adjoint history lambda_i = C_i gy_i + a_{i+1} lambda_{i+1}, across chunks as forward.
             torch.mul(gy_b.view(c, 1, m, width // m, rows), C_blk, out=lam.view(grouped))
-            start_adjoint = _adjoint_chunk_start(a, lam, work.get(8, dstate, width, rows))
+            start_adjoint = _adjoint_chunk_start(a_steps, lam_steps, work.get(5, dstate, width, rows))
             decay = torch.exp2(dt_b.sum(0) * A2t[:, d0:d1, None])
-            end_adjoint = work.get(9, dstate, width, rows)
+            end_adjoint = work.get(6, dstate, width, rows)
             _across_chunks_backward(layout, start_adjoint, decay, end_adjoint,
                                     None if grad_final_t is None else grad_final_t[:, d0:d1],
                                     grad_initial[:, d0:d1])
-            _adjoint_in_place(a, lam, end_adjoint)
-            # lambda_i * a_i * h_{i-1}: the gradient through the decay, for dt and A.
-            torch.mul(a[1:], h[:-1], out=tmp[1:])
-            torch.mul(a[0], start, out=tmp[0])
-            tmp.mul_(lam)
-            grad_dt_b = torch.mul(tmp, At[:, d0:d1, None], out=h).sum(1)
-            grad_At[:, d0:d1] = torch.mul(tmp, dt_b[:, None], out=h).sum((0, 3))
+            _adjoint_in_place(a_steps, lam_steps, end_adjoint)
+            # lambda_i * a_i * h_{i-1}, the gradient through the decay (for dt and A), in place of a.
+            a[1:].mul_(h[:-1])
+            a[0].mul_(start)
+            grad_decay = a.mul_(lam)
+            grad_dt_b = torch.mul(grad_decay, At[:, d0:d1, None], out=h).sum(1)
+            grad_At[:, d0:d1] = torch.mul(grad_decay, dt_b[:, None], out=h).sum((0, 3))
             # Through x = dt u B: sum_n lambda B is the gradient of dt * u.
             grad_dtu = torch.mul(lam.view(grouped), B_blk, out=h.view(grouped)).sum(1).view(c, width, rows)
             grad_Bc[:, :, g0 : g0 + m] += torch.mul(lam, dtu_b[:, None], out=h).view(grouped).sum(3)

@@ -112,11 +112,14 @@ def test_chunked_matches_reference_grouped_bc(groups_b, groups_c, length):
 
 
 def test_channel_blocks_straddling_groups(monkeypatch):
-    """Small work buffers force several channel blocks per group and blocks of several groups."""
+    """Small work buffers force several channel blocks per group, and blocks of several whole groups."""
     import kernels.selective_scan.chunked as chunked
 
-    for block_elements in (2 * 33 * 4 * 2, 2 * 48 * 4 * 9):  # 2 channels a block; 9 channels (3 groups)
+    per_channel = 16 * 6 * 4  # chunk 16 x rows (2 batch rows x 3 chunks of L=33) x N=4
+    for block_elements, expect_m in ((1, 1), (3 * 9 * per_channel, 3)):
         monkeypatch.setattr(chunked, "_BLOCK_ELEMENTS", block_elements)
+        blocks = chunked._channel_blocks(12, 4, per_channel, buffers=3)
+        assert max(m for *_, m in blocks) == expect_m and blocks[-1][1] == 12
         compare(make_inputs(dim=12, length=33, groups_b=4, groups_c=4, seed=3), tol=1e-12, chunk_size=16)
         compare(make_inputs(dim=12, length=33, seed=3), tol=1e-12, chunk_size=16)
 
@@ -128,7 +131,8 @@ def test_only_final_state_used():
     for fn, kwargs in ((selective_scan_reference, {}), (selective_scan_chunked, {"chunk_size": 16})):
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
         _, final = fn(**leaves, delta_softplus=True, return_final_state=True, **kwargs)
-        grads.append(torch.autograd.grad(final.pow(2).sum(), [leaves[k] for k in ("u", "delta", "A", "B", "initial_state")]))
+        wrt = [leaves[k] for k in ("u", "delta", "A", "B", "initial_state")]
+        grads.append(torch.autograd.grad(final.pow(2).sum(), wrt))
     for actual, expected in zip(grads[1], grads[0]):
         assert_close("grad", actual, expected, 1e-12)
 
@@ -258,7 +262,9 @@ def test_step_after_prefill_bf16_state_stays_float32():
 # --- dispatch and validation -----------------------------------------------------------------------------
 
 def test_dispatch_defaults_to_chunked_on_cpu():
-    assert choose_backend("selective_scan", ("reference", "chunked"), torch.device("cpu")) == "chunked"
+    import kernels.selective_scan as op
+
+    assert choose_backend("selective_scan", tuple(op._FORWARD), torch.device("cpu")) == "chunked"
     inputs = make_inputs(length=20, seed=12)
     y_default = selective_scan(**inputs, delta_softplus=True)
     with forced_backend("reference", "selective_scan"):
