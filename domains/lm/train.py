@@ -34,6 +34,10 @@ def model_config_from(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     config.vocab_size = vocab_size
     config.domain = "lm"
     config.name = str(cfg.model.preset)
+    if "H" in config.pattern and config.hyena.max_seqlen < int(cfg.seq_len):
+        # Hyena's implicit filter is defined over max_seqlen positions (safari's l_max): it must cover
+        # the training length, as in safari, where l_max is the dataset's sequence length.
+        config.hyena.max_seqlen = int(cfg.seq_len)
     return config
 
 

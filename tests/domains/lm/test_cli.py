@@ -153,3 +153,9 @@ def test_config_typos_fail_before_any_work(override: str, message: str, tmp_path
 def test_cli_usage_and_unknown_command():
     proc = subprocess.run([sys.executable, "-m", "domains.lm", "trian"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr and "train" in proc.stderr
+
+
+def test_hyena_filter_covers_the_training_length(corpus: Path, tmp_path: Path):
+    cfg = lm_config("train", train_overrides(corpus, tmp_path, "model=hyena-tiny", "seq_len=300"))
+    config = train_module.model_config_from(cfg, vocab_size=300)
+    assert config.hyena.max_seqlen == 300 and config.vocab_size == 300 and config.domain == "lm"
