@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             del baseline
             torch.cuda.empty_cache()
         rows.append((preset, tokens / ours, None if theirs is None else tokens / theirs))
-    print(f"\n| preset | ours tok/s | mamba_ssm tok/s | ours / mamba_ssm |\n|---|---|---|---|")
+    print("\n| preset | ours tok/s | mamba_ssm tok/s | ours / mamba_ssm |\n|---|---|---|---|")
     for preset, ours, theirs in rows:
         ratio = "n/a" if theirs is None else f"{ours / theirs:.2f}"
         theirs_s = "n/a" if theirs is None else f"{theirs:,.0f}"

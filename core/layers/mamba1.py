@@ -26,7 +26,7 @@ from torch import nn
 from core.cache import ConvSSMCache
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
-from kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
+from core.layers.short_conv import masked_short_conv
 from kernels.selective_scan import selective_scan, selective_scan_step
 
 
@@ -119,20 +119,8 @@ class Mamba1(nn.Module):
 
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, d_inner] each
         keep = None if padding_mask is None else padding_mask.to(xs.dtype).unsqueeze(-1)  # [B, L, 1]
-        if keep is not None:
-            # Zeroing pads before the conv keeps them out of the first real positions' windows.
-            xs = xs * keep
-        weight = self.conv1d.weight.squeeze(1)  # [d_inner, d_conv]
         step = cache is not None and seqlen == 1
-
-        if step:
-            xs = causal_conv1d_step(xs[:, 0], cache.conv_state, weight, self.conv1d.bias, "silu").unsqueeze(1)
-        elif cache is not None:
-            xs, conv_final = causal_conv1d(xs.transpose(1, 2), weight, self.conv1d.bias, "silu",
-                                           initial_state=cache.conv_state, return_final_state=True)
-            xs = xs.transpose(1, 2)
-        else:
-            xs = causal_conv1d(xs.transpose(1, 2), weight, self.conv1d.bias, "silu").transpose(1, 2)
+        xs, conv_final = masked_short_conv(xs, self.conv1d, keep, cache)
         if keep is not None:
             # The conv output at a pad is silu(bias), not 0: zero the scan input so pads add nothing to the
             # state. A pad still decays the state, which is zero before the first real token.

@@ -22,7 +22,7 @@ from torch import nn
 from core.cache import ConvSSMCache
 from core.config import Mamba2Config
 from core.layers.norm import GatedRMSNorm
-from kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
+from core.layers.short_conv import masked_short_conv
 from kernels.ssd import ssd, ssd_step
 
 
@@ -120,20 +120,8 @@ class Mamba2(nn.Module):
 
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         keep = None if padding_mask is None else padding_mask.to(xBC.dtype).unsqueeze(-1)  # [B, L, 1]
-        if keep is not None:
-            # Zeroing pads before the conv keeps them out of the first real positions' windows.
-            xBC = xBC * keep
-        weight = self.conv1d.weight.squeeze(1)  # [conv_dim, d_conv]
         step = cache is not None and seqlen == 1
-
-        if step:
-            xBC = causal_conv1d_step(xBC[:, 0], cache.conv_state, weight, self.conv1d.bias, "silu").unsqueeze(1)
-        elif cache is not None:
-            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), weight, self.conv1d.bias, "silu",
-                                            initial_state=cache.conv_state, return_final_state=True)
-            xBC = xBC.transpose(1, 2)
-        else:
-            xBC = causal_conv1d(xBC.transpose(1, 2), weight, self.conv1d.bias, "silu").transpose(1, 2)
+        xBC, conv_final = masked_short_conv(xBC, self.conv1d, keep, cache)
 
         xs, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         if keep is not None:

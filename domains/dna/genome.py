@@ -300,11 +300,11 @@ def _build_maf(tmp: Path, path: Path, species: Sequence[str]) -> dict[str, Any]:
     offsets = [np.zeros(len(species), dtype=np.int64)]
     ref_coords = []
     try:
-        for _, codes, annotations in read_maf(path, species):
+        for _, codes, block_info in read_maf(path, species):
             for i, c in enumerate(codes):
                 parts[i].write(c.tobytes())
             offsets.append(offsets[-1] + np.array([c.size for c in codes], dtype=np.int64))
-            ref_coords.append((int(annotations.get("start", -1)), int(annotations.get("size", codes[0].size))))
+            ref_coords.append((int(block_info.get("start", -1)), int(block_info.get("size", codes[0].size))))
     finally:
         for f in parts:
             f.close()

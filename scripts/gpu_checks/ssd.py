@@ -11,7 +11,6 @@ Run directly on the GPU machine: ``python -m scripts.gpu_checks.ssd`` (prints bo
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
