@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +71,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the complete folder ``tmp`` to ``final`` (replacing an old one) with renames only.
+
+    os.replace cannot overwrite a non-empty folder, so an old one is moved aside first: a crash between
+    the two renames leaves no folder under ``final`` (rebuilt next time), never a mixed one. Both must
+    be on one filesystem (``tmp`` beside ``final``).
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        stale = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _fsync_dir(folder: Path) -> None:

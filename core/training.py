@@ -83,6 +83,25 @@ def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, An
     ]
 
 
+@torch.no_grad()
+def mean_token_loss(model: nn.Module, loader: Any, device: torch.device) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy (nats) over every labelled position (labels != -100) of
+    ``loader``'s ``{"input_ids", "labels"}`` batches, and how many positions that was."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        labels = batch["labels"].to(device)
+        n = int((labels != -100).sum())
+        if n == 0:
+            continue
+        out = model(batch["input_ids"].to(device), labels=labels)
+        total += float(out.ce_loss) * n
+        count += n
+    if count == 0:
+        raise ValueError("nothing to score: every label of the split is ignored (-100)")
+    return total / count, count
+
+
 def guess_peak_flops(device: torch.device) -> float | None:
     """Dense bf16 matmul peak of a known GPU (the datasheet figure), else None (no MFU logged)."""
     if device.type != "cuda":

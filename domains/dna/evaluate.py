@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from core.checkpoint import load_export, read_export_info
 from core.pattern import HYENA
 from domains.dna.data import DNAData, LMEvalWindows
-from domains.dna.pretrain import mean_loss
+from core.training import mean_token_loss
 from domains.dna.tokenizer import DNATokenizer, TokenizerMismatchError
 
 
@@ -82,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"seq_len={seq_len} exceeds this Hyena model's filter length {limit}; pass seq_len<={limit}")
     batch = int(cfg.batch_size)
     windows = LMEvalWindows(data, cfg.split, tokenizer, seq_len, int(cfg.max_windows), tracks=tracks)
-    loss, tokens = mean_loss(model, DataLoader(windows, batch_size=batch), device)
+    loss, tokens = mean_token_loss(model, DataLoader(windows, batch_size=batch), device)
     result: dict[str, Any] = {"loss": loss, "bits_per_base": tokenizer.bits_per_base(loss),
                               "ppl": math.exp(loss), "tokens": tokens, "seq_len": seq_len, "context": {}}
     print(f"{folder}: {cfg.split} split, {len(windows)} windows of {seq_len} tokens, {tokens:,} scored")
@@ -103,7 +103,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for c in sorted(contexts):
             ds = LMEvalWindows(data, cfg.split, tokenizer, score_len, int(cfg.max_windows), tracks=tracks,
                                context=c, max_context=longest)
-            c_loss, _ = mean_loss(model, DataLoader(ds, batch_size=batch), device)
+            c_loss, _ = mean_token_loss(model, DataLoader(ds, batch_size=batch), device)
             result["context"][c] = {"loss": c_loss, "ppl": math.exp(c_loss),
                                     "bits_per_base": tokenizer.bits_per_base(c_loss)}
             print(f"  context {c:>8,} tokens: ppl {math.exp(c_loss):.4f}, {tokenizer.bits_per_base(c_loss):.4f} bits/base")

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from core.checkpoint import replace_folder
+
 FORMAT_VERSION = 1
 BASES = "ACGTN"
 N_CODE = 4
@@ -274,16 +276,6 @@ def _key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _install(tmp: Path, final: Path) -> None:
-    if final.exists():
-        stale = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _build_fasta(tmp: Path, path: Path) -> dict[str, Any]:
     tracks, offset = [], 0
     with open(tmp / "bases.u8", "wb") as out:
@@ -357,7 +349,7 @@ def load_genome(path: str | os.PathLike, cache_dir: str | os.PathLike, species: 
         index = _build_maf(tmp, path, list(species or ())) if is_maf else _build_fasta(tmp, path)
         index.update({"format_version": FORMAT_VERSION, "settings_key": key, "source": settings["source"]})
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-        _install(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

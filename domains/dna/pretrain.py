@@ -23,7 +23,8 @@ from core.checkpoint import atomic_write, save_export
 from core.config import ModelConfig
 from core.dna_presets import get_dna_preset
 from core.pattern import HYENA
-from core.training import CausalLMModule, OptimConfig, ResumableSampler, build_trainer, resume_path
+from core.training import (CausalLMModule, OptimConfig, ResumableSampler, build_trainer, mean_token_loss,
+                           resume_path)
 from domains.dna.data import DNAData, LMEvalWindows, LMWindows
 from domains.dna.tokenizer import DNATokenizer
 
@@ -57,24 +58,6 @@ def checkpoint_step(path: str | None) -> int:
     if path is None:
         return 0
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy (nats) over every scored position of ``loader``."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        labels = batch["labels"].to(device)
-        n = int((labels != -100).sum())
-        if n == 0:
-            continue
-        out = model(batch["input_ids"].to(device), labels=labels)
-        total += float(out.ce_loss) * n
-        count += n
-    if count == 0:
-        raise ValueError("no scored base in the split (all windows N?)")
-    return total / count, count
 
 
 def pretrain(cfg: DictConfig) -> dict[str, float]:
@@ -117,7 +100,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     device = module.device
     result: dict[str, float] = {"steps": trainer.global_step, "train_seconds": elapsed, "parameters": n_params}
     for split, dataset in (("val", val_set), ("test", test_set)):
-        loss, tokens = mean_loss(module.model, DataLoader(dataset, batch_size=batch), device)
+        loss, tokens = mean_token_loss(module.model, DataLoader(dataset, batch_size=batch), device)
         result[f"{split}_loss"] = loss
         result[f"{split}_bits_per_base"] = tokenizer.bits_per_base(loss)
         result[f"{split}_ppl"] = math.exp(loss)

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.checkpoint import replace_folder
 from domains.lm.corpus import (
     PYTHON_DOCS, CorpusError, Document, SourceFile, document_key, iter_documents, resolve_sources,
 )
@@ -536,19 +537,6 @@ def _exclusive_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move the complete ``tmp`` folder to ``final`` (replacing an old one) with renames only."""
-    if final.exists():
-        # os.replace cannot overwrite a non-empty folder: move the stale one aside first. A crash
-        # between the two renames leaves no cache (rebuilt next time), never a mixed one.
-        stale = final.with_name(f".{final.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def prepare(config: DataConfig | Mapping[str, Any] | None = None, verbose: bool = True) -> PreparedData:
     """Build (or reuse) the tokenized splits of a corpus; returns a :class:`PreparedData`.
 
@@ -582,7 +570,7 @@ def prepare(config: DataConfig | Mapping[str, Any] | None = None, verbose: bool 
         tmp.mkdir()
         try:
             _build(tmp, cfg, key, sources, user_tokenizer, cfg.workers or default_workers(), log)
-            _install(tmp, final)
+            replace_folder(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

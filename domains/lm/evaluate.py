@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from core.checkpoint import load_export, read_export_info
+from core.training import mean_token_loss
 from domains.lm.data import PreparedData, prepare
 
 
@@ -36,23 +37,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy (nats) over every labelled position of ``loader``."""
-    total, count = 0.0, 0
-    for batch in loader:
-        labels = batch["labels"].to(device)
-        n = int((labels != -100).sum())
-        if n == 0:
-            continue
-        out = model(batch["input_ids"].to(device), labels=labels)
-        total += float(out.ce_loss) * n
-        count += n
-    if count == 0:
-        raise ValueError("the split has no tokens to score")
-    return total / count, count
 
 
 def prepared_data_of(folder: Path) -> PreparedData:
@@ -78,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = load_export(folder, device=device)
     seq_len = int(cfg.seq_len or info.extra.get("seq_len") or 1024)
     loader = DataLoader(data.eval_dataset(cfg.split, seq_len=seq_len), batch_size=int(cfg.batch_size))
-    loss, tokens = mean_loss(model, loader, device)
+    loss, tokens = mean_token_loss(model, loader, device)
     result = {"loss": loss, "ppl": math.exp(loss), "bits_per_byte": data.bits_per_byte(loss, cfg.split),
               "tokens": tokens}
     unigram = data.unigram_baseline(cfg.split)
