@@ -5,14 +5,28 @@ state, MLP and MoE). Each mixer allocates its own (``mixer.allocate_cache``) and
 its ``forward``: a forward with a cache continues from the cached state and leaves the state after the
 given tokens in it, so a prefill over the prompt and then one-token steps reproduce a forward over the
 whole sequence.
+
+CUDA graphs. A captured decoding step replays the same kernels on the same memory, so everything that
+changes from one token to the next must be *device* data that the kernels read, never a Python number
+baked into the launch: the recurrent states (updated in place), and for the caches that grow with the
+sequence the write index and the per-row positions (``KVCache.counters``, ``HyenaCache.index``, int64
+tensors that the one-token step reads and increments in place). The Python ints (``length``,
+``InferenceCache.seqlen_offset``) are host-side bookkeeping for prefills and bound checks; a graph
+replay does not advance them, so whoever replays a graph sets them afterwards
+(:meth:`InferenceCache.set_seqlen`). Every cache can be cleared in place (:meth:`InferenceCache.reset`)
+so that a captured graph's cache serves one generation after another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+from torch import nn
 
+T = TypeVar("T")
 
 @dataclass
 class ConvSSMCache:
@@ -25,20 +39,57 @@ class ConvSSMCache:
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
 
+    def reset(self) -> None:
+        self.conv_state.zero_()
+        self.ssm_state.zero_()
+
 
 @dataclass
 class KVCache:
     """Attention keys and values, preallocated to ``max_seqlen``.
 
     key, value: [B, n_kv_heads, max_seqlen, head_dim] (model dtype).
-    valid:      bool [B, max_seqlen]: which filled positions are real tokens (False for left padding).
-    length:     how many positions are filled.
+    valid:      bool [B, max_seqlen]: which filled positions are real tokens (False for left padding and
+                for positions not written yet).
+    counters:   int64 [B + 1] on the cache's device: ``counters[:B]`` the rotary position of each row's
+                next token (its real tokens so far), ``counters[B]`` the next slot to write (= length).
+                The one-token step reads and increments them in place (CUDA-graph safe).
+    length:     how many positions are filled (host-side copy of ``counters[B]``).
+    has_padding: whether any prefill wrote pad positions (host side; without pads a chunked prefill can
+                use the fused lower-right causal attention instead of a materialized mask).
     """
 
     key: torch.Tensor
     value: torch.Tensor
     valid: torch.Tensor
     length: int = 0
+    counters: torch.Tensor | None = None
+    has_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.counters is None:
+            self.counters = torch.zeros(self.key.shape[0] + 1, dtype=torch.long, device=self.key.device)
+            self.counters[-1] = self.length
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 [B]: the rotary position of each row's next token (a view of ``counters``)."""
+        return self.counters[:-1]
+
+    @property
+    def fill(self) -> torch.Tensor:
+        """int64 [1]: the slot the next token is written to (a view of ``counters``)."""
+        return self.counters[-1:]
+
+    def reset(self) -> None:
+        # The buffers are zeroed too, not only the mask: a masked slot holding a stale inf / NaN would
+        # still turn 0 * v into NaN in the attention's weighted sum.
+        self.key.zero_()
+        self.value.zero_()
+        self.valid.zero_()
+        self.counters.zero_()
+        self.length = 0
+        self.has_padding = False
 
 
 @dataclass
@@ -47,15 +98,36 @@ class HyenaCache:
 
     short_state: [B, (order + 1) * d_model, short_filter_order - 1].
     history:     one [B, d_model, max_seqlen] buffer per long convolution (``order - 1`` of them).
-    length:      how many positions are filled.
+    length:      how many positions are filled (host side).
+    index:       int64 [1] on the cache's device: the next position to write (the device copy of
+                 ``length`` that the one-token step reads and increments).
     """
 
     short_state: torch.Tensor
     history: list[torch.Tensor]
     length: int = 0
+    index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = torch.full((1,), self.length, dtype=torch.long, device=self.short_state.device)
+
+    def reset(self) -> None:
+        self.short_state.zero_()
+        for buffer in self.history:
+            buffer.zero_()
+        self.index.zero_()
+        self.length = 0
 
 
 LayerCache = ConvSSMCache | KVCache | HyenaCache
+
+
+def _layer_tensors(layer: object) -> Iterable[torch.Tensor]:
+    for value in vars(layer).values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.Tensor):
+                yield item
 
 
 @dataclass
@@ -70,11 +142,68 @@ class InferenceCache:
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of the cache (its memory footprint)."""
-        total = 0
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer is not None
+                   for t in _layer_tensors(layer))
+
+    def reset(self) -> None:
+        """Clear every layer in place (states, buffers and counters to zero): the cache is as allocated,
+        and every tensor keeps its storage (what a captured CUDA graph points at)."""
         for layer in self.layers:
             if layer is None:
                 continue
-            for value in vars(layer).values():
-                tensors = value if isinstance(value, list) else [value]
-                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        return total
+            reset = getattr(layer, "reset", None)
+            if reset is not None:
+                reset()
+            else:  # a cache class without reset (e.g. S4D's): its tensors are its state
+                for tensor in _layer_tensors(layer):
+                    tensor.zero_()
+                if isinstance(getattr(layer, "length", None), int):
+                    layer.length = 0
+        self.seqlen_offset = 0
+
+    def set_seqlen(self, seqlen: int) -> None:
+        """Set the host-side token counts (``seqlen_offset`` and every layer's ``length``) to ``seqlen``.
+
+        For a decoder that advanced the cache through CUDA-graph replays: the device counters moved, the
+        Python ints did not. Every layer has seen every token, so one number sets them all.
+        """
+        if not 0 <= seqlen <= self.max_seqlen:
+            raise ValueError(f"set_seqlen({seqlen}) is outside [0, max_seqlen={self.max_seqlen}]")
+        self.seqlen_offset = seqlen
+        for layer in self.layers:
+            if layer is not None and isinstance(getattr(layer, "length", None), int):
+                layer.length = seqlen
+
+    def shape_key(self) -> tuple:
+        """The type, shape and dtype of every tensor, layer by layer: what a captured decoding step
+        depends on (two caches with equal keys can share a CUDA graph's launch configuration)."""
+        return tuple(
+            None if layer is None else
+            (type(layer).__name__, tuple((tuple(t.shape), t.dtype) for t in _layer_tensors(layer)))
+            for layer in self.layers
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived decoding constants
+# --------------------------------------------------------------------------------------------------
+
+def decode_memo(module: nn.Module, name: str, sources: Iterable[torch.Tensor], compute: Callable[[], T],
+                extra: tuple = ()) -> T:
+    """A value derived from parameters (e.g. ``A = -exp(A_log)``, concatenated q/k/v weights), computed
+    once and reused until one of ``sources`` changes (its storage, version counter, dtype or device) or
+    ``extra`` (other things it depends on, e.g. a length) differs. One entry per ``name`` and module.
+
+    For inference only (computed without autograd: the result carries no graph). A decoding step
+    captured in a CUDA graph then reads the stored tensor instead of recomputing it every token; the
+    graph decoder re-captures when a parameter changes (``core.cuda_graph``), so no graph keeps a stale
+    copy.
+    """
+    key = (extra,) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    memo = module.__dict__.setdefault("_decode_memo", {})
+    hit = memo.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, compute())
+        memo[name] = hit
+    return hit[1]

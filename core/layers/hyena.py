@@ -21,9 +21,12 @@ float64 inputs), with outputs cast back to the input dtype between orders, as sa
 
 Decoding. :class:`core.cache.HyenaCache` keeps the short conv's last inputs and the history of every
 long-convolution input. A step computes each long-convolution output at the new position t as
-``sum_{s<=t} h[t-s] v[s]``, a dot product of the history with the reversed filter (O(t) per step); a
-prefill writes the history and convolves over (history, new inputs) with the FFT. Note the cache holds
-N - 1 history buffers, one per long convolution (safari's recurrence has N - 1 of them).
+``sum_{s<t} h[t-s] v[s] + (h[0] + bias) v[t]``: the history buffer times the filter gathered at the lags
+``t - s`` (zero weight at and after t), so the step has the same shapes at every position and reads
+t from the cache's device counter (``HyenaCache.index``): it is capturable in a CUDA graph. Its cost is
+O(cache capacity) per token. A prefill writes the history and convolves over (history, new inputs) with
+the FFT. Note the cache holds N - 1 history buffers, one per long convolution (safari's recurrence has
+N - 1 of them).
 
 Padding. With ``padding_mask`` (left padding) the projections are zeroed at pad positions before the
 short conv, and every long-convolution input is zeroed there, so the real tokens of a left-padded row
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import HyenaCache
+from core.cache import HyenaCache, decode_memo
 from core.config import HyenaConfig
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
 
@@ -179,6 +182,9 @@ class Hyena(nn.Module):
     x [B, L, d_model] (any float dtype, L <= config.max_seqlen) -> y [B, L, d_model] (same dtype).
     """
 
+    # One-token calls with a cache read only device state: capturable in a CUDA graph (core.cuda_graph).
+    cuda_graph_safe = True
+
     def __init__(
         self,
         d_model: int,
@@ -207,7 +213,6 @@ class Hyena(nn.Module):
                                       padding=config.short_filter_order - 1, **factory)
         self.filter_fn = HyenaFilter(d_model * (config.order - 1), config, **factory)
         self.out_proj = nn.Linear(d_model, d_model, **factory)
-        self._filter_memo: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def n_long_convs(self) -> int:
@@ -249,15 +254,30 @@ class Hyena(nn.Module):
         return None if bias is None else bias.view(self.d_model, self.n_long_convs).t()
 
     def _decode_filters(self, seqlen: int, capacity: int) -> torch.Tensor:
-        """Filters for a cached call: without autograd, computed once over the cache's capacity and
+        """Filters for a cached prefill: without autograd, computed once over the cache's capacity and
         reused until a filter parameter changes (its version counter or storage moves)."""
         if torch.is_grad_enabled():
             return self.filters(seqlen)[0]
-        params = tuple(self.filter_fn.implicit_filter.parameters())
-        key = (capacity, str(params[0].device)) + tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._filter_memo is None or self._filter_memo[0] != key:
-            self._filter_memo = (key, self.filters(capacity)[0])
-        return self._filter_memo[1][..., :seqlen]
+        params = list(self.filter_fn.implicit_filter.parameters())
+        h = decode_memo(self, "filters", params, lambda: self.filters(capacity)[0], extra=(capacity,))
+        return h[..., :seqlen]
+
+    def _step_filters(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filters laid out for a decoding step: (h[0] [order-1, D], past [order-1, D, 2 capacity]).
+
+        ``past[..., capacity + lag]`` is h[lag] for lags >= 1 and 0 for lags <= 0, so gathering it at
+        ``capacity + t - s`` over the history slots s gives the weights of the earlier inputs of
+        position t, with zeros at t and after (whatever those slots hold). Memoized like the prefill's.
+        """
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.filters(capacity)[0]
+            zeros = h.new_zeros(*h.shape[:-1], capacity + 1)
+            return h[..., 0], torch.cat([zeros, h[..., 1:]], dim=-1)
+
+        if torch.is_grad_enabled():
+            return compute()
+        params = list(self.filter_fn.implicit_filter.parameters())
+        return decode_memo(self, "step_filters", params, compute, extra=(capacity,))
 
     def _check(self, x: torch.Tensor, cache: HyenaCache | None, padding_mask: torch.Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
@@ -316,8 +336,17 @@ class Hyena(nn.Module):
             cache.short_state.copy_(final_state.detach())
         *gates, v = u.split(self.d_model, dim=1)  # each [B, D, L]
 
+        step = cache is not None and seqlen == 1
         if cache is None:
             h, bias = self.filters(seqlen)
+        elif step:
+            capacity = cache.history[0].shape[-1]
+            h0, past = self._step_filters(capacity)
+            slots = decode_memo(self, "slots", [], lambda: torch.arange(capacity, device=x.device),
+                                extra=(capacity, x.device))
+            # Filter weight of every history slot s for the new position t = cache.index: h[t - s].
+            weights = past.index_select(-1, (cache.index + capacity) - slots)  # [order-1, D, capacity]
+            bias = self.filters_bias()
         else:
             h = self._decode_filters(end, cache.history[0].shape[-1])
             bias = self.filters_bias()
@@ -328,35 +357,52 @@ class Hyena(nn.Module):
             o_bias = None if bias is None else bias[o]
             if cache is None:
                 v = fftconv(v, h[o], o_bias)
+            elif step:
+                v = self._step_long_conv(v, h0[o], weights[o], o_bias, cache.history[o], cache.index)
             else:
                 v = self._cached_long_conv(v, h[o], o_bias, cache.history[o], start)
         if cache is not None:
+            if step:
+                cache.index.add_(1)
+            else:
+                cache.index.fill_(end)
             cache.length = end
         return self.out_proj((v * gates[0]).transpose(1, 2))
+
+    @staticmethod
+    def _step_long_conv(
+        v: torch.Tensor, h0: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None,
+        history: torch.Tensor, index: torch.Tensor,
+    ) -> torch.Tensor:
+        """One position t = ``index``: ``y_t = sum_{s<t} h[t-s] v_s + (h[0] + bias) v_t``; v_t is then
+        written to the history at slot t.
+
+        v [B, D, 1]; h0 [D] and weights [D, capacity] (h[t-s] at slot s, 0 from t on) in the compute
+        dtype; history [B, D, capacity]; index int64 [1]. The new input enters separately from the
+        history so that it stays differentiable. Returns [B, D, 1] in v's dtype.
+        """
+        dtype = weights.dtype
+        vt = v[..., 0].to(dtype)
+        y = (history.to(dtype) * weights).sum(-1) + h0 * vt
+        if bias is not None:
+            y = y + bias.to(dtype) * vt
+        history.index_copy_(-1, index, v.detach().to(history.dtype))
+        return y[..., None].to(v.dtype)
 
     @staticmethod
     def _cached_long_conv(
         v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None, history: torch.Tensor, start: int
     ) -> torch.Tensor:
-        """Long conv of the new inputs v [B, D, L] at positions [start, start + L) over the history.
+        """Long conv of the new inputs v [B, D, L] (L > 1, a prefill) at positions [start, start + L) over
+        the history.
 
         h [D, >= start + L] in the compute dtype; history [B, D, capacity] receives v.
         """
-        seqlen = v.shape[-1]
-        end = start + seqlen
+        end = start + v.shape[-1]
         past = history[..., :start]
+        full = v if start == 0 else torch.cat([past.to(v.dtype), v], dim=-1)
         history[..., start:end] = v.detach()
-        if seqlen > 1:
-            full = v if start == 0 else torch.cat([past.to(v.dtype), v], dim=-1)
-            return fftconv(full, h[:, :end], bias)[..., start:]
-        # One step: y_t = sum_{s<t} h[t-s] v[s] + (h[0] + bias) v[t], the past as a dot product with
-        # the reversed filter (O(t)); the new input enters separately so that it stays differentiable.
-        dtype = h.dtype
-        vt = v[..., 0].to(dtype)
-        y = (past.to(dtype) * h[:, 1:end].flip(-1)).sum(-1) + h[:, 0] * vt
-        if bias is not None:
-            y = y + bias.to(dtype) * vt
-        return y[..., None].to(v.dtype)
+        return fftconv(full, h[:, :end], bias)[..., start:]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, order={self.order}, max_seqlen={self.max_seqlen}"

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from core.cache import ConvSSMCache
+from core.cache import ConvSSMCache, decode_memo
 from core.config import Mamba2Config
 from core.layers.norm import GatedRMSNorm
 from core.layers.short_conv import masked_short_conv
@@ -32,6 +32,9 @@ class Mamba2(nn.Module):
     ``dt_bias``, ``A_log`` [nheads] and ``D`` ([nheads], or [d_inner] with ``D_has_hdim``) are created in
     float32 whatever ``dtype`` says, as mamba_ssm does: they set decay rates, which bf16 rounds badly.
     """
+
+    # One-token calls with a cache read only device state: capturable in a CUDA graph (core.cuda_graph).
+    cuda_graph_safe = True
 
     def __init__(self, d_model: int, config: Mamba2Config, layer_idx: int = 0, norm_eps: float = 1e-5,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -99,6 +102,13 @@ class Mamba2(nn.Module):
         )
 
     def _A(self) -> torch.Tensor:
+        """A = -exp(A_log) in float32 (float64 stays); without autograd (generation) computed once and
+        reused until A_log changes, so a decoding step (or its CUDA graph) does not recompute it."""
+        if torch.is_grad_enabled():
+            return self._compute_A()
+        return decode_memo(self, "A", [self.A_log], self._compute_A)
+
+    def _compute_A(self) -> torch.Tensor:
         A_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
         return -torch.exp(A_log)
 

@@ -10,6 +10,15 @@ segment: through ``grouped_mm`` (one grouped GEMM for all experts) on CUDA where
 supports it for the dtype and shapes, else a loop over the non-empty experts. The weighted results are
 scatter-added back to their tokens in float32. Nothing is padded and, by default, nothing is dropped.
 
+Decoding. An input with one position per row (L == 1, no padding mask: a decoding step) is routed with
+fixed shapes instead, so that the step is capturable in a CUDA graph (no sort, no data-dependent
+segment sizes, no host sync): each (token, slot) assignment gets its expert's output either from every
+expert run densely on all T tokens (``[E, T, d_model]``) or, when ``3 T top_k < n_experts`` (few tokens,
+many experts: reading all experts would cost more than copying the chosen ones), from the chosen
+experts' weights gathered per assignment. Capacity ranks come from a cumulative count per expert in
+token order. The result equals the dispatch path's (the same experts, weights, drops and auxiliary
+losses, up to the order of float32 additions); ``decode_experts`` forces ``dense`` or ``gather``.
+
 Capacity. ``capacity_factor=None`` is dropless. A number caps every expert at
 ``ceil(capacity_factor * T * top_k / n_experts)`` assignments (T counts real tokens); assignments past
 the cap are dropped in token order (the earliest tokens keep their place, as in Switch / GShard without
@@ -43,6 +52,7 @@ from core.config import MoEConfig
 from core.layers.mlp import mlp_hidden_size
 
 EXPERT_BACKENDS = ("auto", "loop", "grouped")
+DECODE_EXPERTS = ("auto", "dense", "gather")
 
 
 def grouped_mm_function():
@@ -130,6 +140,27 @@ class Experts(nn.Module):
             outputs.append(F.linear(hidden, self.down_proj[expert]))
         return torch.cat(outputs, dim=0)
 
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: x [T, d_model] -> [E, T, d_model] (fixed shapes, no routing)."""
+        xe = x.unsqueeze(0).expand(self.n_experts, *x.shape)
+        gate = torch.bmm(xe, self.gate_proj.transpose(1, 2)) if self.activation == "swiglu" else None
+        hidden = self._activate(gate, torch.bmm(xe, self.up_proj.transpose(1, 2)))
+        return torch.bmm(hidden, self.down_proj.transpose(1, 2))
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Row t through expert ``experts[t, j]`` for every slot j: x [T, d_model], experts int64 [T, k]
+        -> [T, k, d_model]. Copies the T * k chosen weight matrices (fixed shapes, no routing)."""
+        tokens, slots = experts.shape
+        index = experts.reshape(-1)
+        rows = x.unsqueeze(1).expand(tokens, slots, x.shape[-1]).reshape(tokens * slots, 1, x.shape[-1])
+
+        def through(weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(inputs, weight.index_select(0, index).transpose(1, 2))
+
+        gate = through(self.gate_proj, rows) if self.activation == "swiglu" else None
+        hidden = self._activate(gate, through(self.up_proj, rows))
+        return through(self.down_proj, hidden).view(tokens, slots, x.shape[-1])
+
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         mm = grouped_mm_function()
         if mm is None:
@@ -151,8 +182,12 @@ class MoE(nn.Module):
 
     forward: x [B, L, d_model] (any float dtype) -> (y [B, L, d_model] in x's dtype,
     {"load_balancing": float32 scalar, "router_z": float32 scalar}). Stateless across tokens: no cache.
-    ``expert_backend`` (attribute, default ``auto``) forces ``loop`` or ``grouped`` expert compute.
+    ``expert_backend`` (attribute, default ``auto``) forces ``loop`` or ``grouped`` expert compute;
+    ``decode_experts`` (default ``auto``) forces ``dense`` or ``gather`` for one-position inputs.
     """
+
+    # One-position inputs are routed with fixed shapes: capturable in a CUDA graph (core.cuda_graph).
+    cuda_graph_safe = True
 
     def __init__(
         self,
@@ -183,6 +218,7 @@ class MoE(nn.Module):
         self.load_balancing_coef = config.load_balancing_coef
         self.z_loss_coef = config.z_loss_coef
         self.expert_backend = "auto"
+        self.decode_experts = "auto"
         hidden = mlp_hidden_size(d_model, config)
         self.router = nn.Linear(d_model, config.n_experts, bias=False, device=device, dtype=dtype)
         self.experts = Experts(config.n_experts, d_model, hidden, config.activation, device, dtype)
@@ -210,20 +246,15 @@ class MoE(nn.Module):
                 f"padding_mask must be bool [B, L] = [{batch}, {seqlen}] (True = real token), got "
                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
             )
+        if seqlen == 1 and padding_mask is None:
+            return self._forward_fixed(x)
         tokens = x.reshape(-1, d_model)
         # Routed tokens: all, or the real ones (pads take no expert, no capacity, no statistics).
         token_ids = None if padding_mask is None else padding_mask.reshape(-1).nonzero().squeeze(1)
         routed = tokens if token_ids is None else tokens[token_ids]
 
-        # The router runs in float32 (float64 for float64 inputs), also under autocast: bf16 logits flip
-        # near-tied top-k picks.
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(routed.to(compute), self.router.weight.to(compute))  # [T, E]
-        probs = logits.softmax(dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits, probs, weights, chosen = self._route(routed)
         aux = self._aux_losses(logits, probs, chosen)
 
         # (token, slot) assignments, token-major, then grouped by expert keeping token order.
@@ -253,6 +284,50 @@ class MoE(nn.Module):
             y = y.index_copy(0, token_ids, y_routed)
         return y.to(x.dtype).view(batch, seqlen, d_model), aux
 
+    def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router over tokens [T, d_model]: (logits [T, E], probs [T, E], weights [T, k], chosen [T, k]).
+
+        The router runs in float32 (float64 for float64 inputs), also under autocast: bf16 logits flip
+        near-tied top-k picks.
+        """
+        compute = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            logits = F.linear(tokens.to(compute), self.router.weight.to(compute))  # [T, E]
+        probs = logits.softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, chosen
+
+    def _forward_fixed(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One position per row (decoding), with shapes that do not depend on the routing."""
+        batch, seqlen, d_model = x.shape
+        tokens = x.reshape(-1, d_model)
+        n_tokens = tokens.shape[0]
+        logits, probs, weights, chosen = self._route(tokens)
+        aux = self._aux_losses(logits, probs, chosen)
+        capacity = self.capacity(n_tokens)
+        if capacity is not None:
+            # Rank of each (token, slot) assignment among its expert's, in token order (the dispatch
+            # path's stable sort); past the capacity it is dropped (weight 0, not renormalized).
+            flat = chosen.reshape(-1, 1)
+            onehot = torch.zeros(flat.shape[0], self.n_experts, device=x.device, dtype=torch.long)
+            onehot.scatter_(1, flat, 1)
+            rank = (onehot.cumsum(dim=0) - onehot).gather(1, flat).view_as(chosen)
+            weights = weights * (rank < capacity)
+        mode = self.decode_experts
+        if mode not in DECODE_EXPERTS:
+            raise ValueError(f"unknown decode_experts {mode!r}; choose one of {DECODE_EXPERTS}")
+        if mode == "auto":
+            mode = "gather" if 3 * n_tokens * self.top_k < self.n_experts else "dense"
+        if mode == "dense":
+            every = self.experts.dense(tokens)  # [E, T, d_model]
+            outputs = every[chosen, torch.arange(n_tokens, device=x.device)[:, None]]  # [T, k, d_model]
+        else:
+            outputs = self.experts.gathered(tokens, chosen)
+        y = (outputs.to(weights.dtype) * weights[..., None]).sum(dim=1)
+        return y.to(x.dtype).view(batch, seqlen, d_model), aux
+
     def _aux_losses(
         self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -261,8 +336,12 @@ class MoE(nn.Module):
         if n_routed == 0:
             zero = logits.new_zeros((), dtype=torch.float32)
             return {"load_balancing": zero, "router_z": zero.clone()}
-        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
-        fraction = counts.to(probs.dtype) / (n_routed * self.top_k)  # f_e, sums to 1
+        # Counted with a scatter rather than bincount, whose output size depends on the data (a host
+        # sync, which a CUDA graph cannot capture).
+        flat = chosen.reshape(-1)
+        counts = torch.zeros(self.n_experts, device=flat.device, dtype=probs.dtype)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype))
+        fraction = counts / (n_routed * self.top_k)  # f_e, sums to 1
         mean_prob = probs.mean(dim=0)  # P_e
         load_balancing = self.load_balancing_coef * self.n_experts * (fraction * mean_prob).sum()
         router_z = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()

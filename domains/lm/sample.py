@@ -1,7 +1,14 @@
 """``python -m domains.lm generate checkpoint=... prompt="..."``: sample continuations, streamed.
 
 Prompts come from ``prompt`` (one) or ``prompts_file`` (one a line); they are generated as one batch
-whatever their lengths. With one prompt and ``stream=true`` the tokens are printed as they come.
+whatever their lengths (left-padded, see ``core.generate``). With one prompt and ``stream=true`` the text
+is printed as the tokens arrive: :class:`core.generate.StreamingDetokenizer` decodes a short window of
+tokens and holds back a piece until its characters are complete (a byte-level BPE token may be half a
+character), so the streamed text equals the final decode.
+
+On CUDA the decoding steps replay a CUDA graph (``cuda_graph=auto``); ``dtype`` casts the model (e.g.
+``dtype=bfloat16`` for fast GPU decoding); ``prefill_chunk_size`` bounds the prefill's memory for long
+prompts.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ import torch
 from omegaconf import DictConfig
 
 from core.checkpoint import load_export, read_export_info
-from core.generate import generate
+from core.generate import StreamingDetokenizer, generate
 from domains.lm.evaluate import export_folder, pick_device
 from domains.lm.tokenizer import LMTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -34,6 +43,20 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [str(cfg.prompt).replace("\\n", "\n")]
 
 
+def model_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "null"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not one of {sorted(DTYPES)} (or null: the checkpoint's dtype)")
+    return DTYPES[name]
+
+
+def cuda_graph_mode(value: object) -> bool | str:
+    if value in (True, False, "auto"):
+        return value
+    raise ValueError(f"cuda_graph={value!r}: choose auto (graphs on CUDA), true or false")
+
+
 def sample(cfg: DictConfig) -> list[str]:
     folder = export_folder(cfg.checkpoint)
     info = read_export_info(folder)
@@ -41,36 +64,40 @@ def sample(cfg: DictConfig) -> list[str]:
         raise FileNotFoundError(f"{folder} has no tokenizer.json: generate needs the tokenizer it was trained with")
     tokenizer = LMTokenizer.load(info.tokenizer_path)
     device = pick_device(cfg.device)
-    model = load_export(folder, device=device)
+    model = load_export(folder, device=device, dtype=model_dtype(cfg.get("dtype")))
     prompts = read_prompts(cfg)
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     stream = bool(cfg.stream) and len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
-    emitted: list[int] = []
+    detokenizer = StreamingDetokenizer(tokenizer.decode)
+    stopped = False
 
     def on_token(step: int, token: torch.Tensor) -> None:
-        if not stream:
+        nonlocal stopped
+        value = int(token[0])
+        if stopped or (cfg.stop_at_eot and value == tokenizer.eot_id):
+            stopped = True  # the stop token is not printed, nor the pads after it
             return
-        # Decode the whole continuation each time: a byte-level BPE token may be half a character.
-        before = tokenizer.decode(emitted)
-        emitted.append(int(token[0]))
-        if emitted[-1] != tokenizer.eot_id:
-            print(tokenizer.decode(emitted)[len(before):], end="", flush=True)
+        print(detokenizer.push(value), end="", flush=True)
 
+    chunk = cfg.get("prefill_chunk_size")
     started = time.perf_counter()
     out = generate(model, ids, max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
                    top_k=int(cfg.top_k), top_p=float(cfg.top_p), seed=int(cfg.seed),
                    stop_tokens=[tokenizer.eot_id] if cfg.stop_at_eot else [], pad_token_id=tokenizer.pad_id,
-                   on_token=on_token)
+                   prefill_chunk_size=int(chunk) if chunk else None,
+                   on_token=on_token if stream else None,
+                   cuda_graph=cuda_graph_mode(cfg.get("cuda_graph", "auto")))
     elapsed = time.perf_counter() - started
     texts = [tokenizer.decode([t for t in seq if t != tokenizer.eot_id]) for seq in out.sequences()]
     if stream:
-        print()
+        print(detokenizer.flush())
     else:
         for prompt, text in zip(prompts, texts):
             print(f"--- {prompt!r}\n{prompt}{text}\n")
     new_tokens = int(out.lengths.sum())
-    print(f"[{new_tokens} new tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tok/s, batch {len(prompts)}]",
-          file=sys.stderr)
+    graph = ", CUDA graph" if out.cuda_graph else ""
+    print(f"[{new_tokens} new tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tok/s, batch {len(prompts)}"
+          f"{graph}]", file=sys.stderr)
     return texts

@@ -7,7 +7,7 @@ import torch
 
 from core.backbone import CausalLM
 from core.config import ModelConfig
-from core.generate import generate, sample_next_token
+from core.generate import StreamingDetokenizer, generate, sample_next_token
 from core.presets import PRESETS, get_preset
 
 TINY_PRESETS = sorted(name for name in PRESETS if name.endswith("-tiny"))
@@ -142,3 +142,29 @@ def test_bad_generation_arguments():
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1]], max_new_tokens=1, temperature=-1)
+
+
+def test_streaming_detokenizer_keeps_multibyte_characters_whole():
+    """Byte-level tokens (one byte each): characters of 2-4 bytes arrive over several tokens. The pieces
+    never hold a broken character, join to the full text, and each push decodes only a short window."""
+    text = "héllo wörld: 日本語 🙂🙂 ok"
+    windows: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        windows.append(len(ids))
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = StreamingDetokenizer(decode)
+    pieces = [stream.push(b) for b in text.encode("utf-8")]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "" in pieces  # some pushes had to wait for the rest of a character
+    assert max(windows) <= 8  # a window, not the whole sequence
+
+
+def test_streaming_detokenizer_flushes_an_unfinished_tail():
+    stream = StreamingDetokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
+    assert stream.push(ord("a")) == "a"
+    assert stream.push(0xE6) == ""  # the first of three bytes
+    assert stream.flush() == "\ufffd"  # what the final decode shows too

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.config import AttentionConfig
-from core.layers.attention import Attention
+from core.layers.attention import Attention, decode_attention
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,7 +132,7 @@ def test_padded_batch_equals_alone(cfg):
     assert rel_err(y * mask[..., None], ref) < 1e-12
 
 
-@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("chunk", [None, 3, 1])  # 1: one-token chunks of pads take the decoding step
 def test_padded_prefill_then_steps_equals_alone(chunk):
     """generate()'s use: a left-padded prefill (whole or in chunks) with the mask, then unmasked steps."""
     m = make(n_heads=4, n_kv_heads=2, rope=True)
@@ -223,3 +223,45 @@ def test_bf16_runs_and_stays_close():
     ref = m(x)
     y = m.to(torch.bfloat16)(x.bfloat16())
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), ref) < 3e-2
+
+
+@pytest.mark.parametrize("seqlen", [10, 384])  # 384: the weighted sum split in blocks of 128
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_decode_attention_equals_sdpa_over_the_valid_keys(n_kv, seqlen):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 8, dtype=torch.float64)
+    key, value = torch.randn(2, 3, n_kv, seqlen, 8, dtype=torch.float64)
+    mask = torch.rand(3, seqlen) < 0.6
+    mask[:, 0] = True
+    got = decode_attention(q, key, value, mask)
+    group = 4 // n_kv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], key.repeat_interleave(group, 1), value.repeat_interleave(group, 1),
+        attn_mask=mask[:, None, None, :])[:, :, 0]
+    assert rel_err(got, ref) < 1e-12
+    # Whatever the masked slots hold (finite) does not matter.
+    key2 = key.masked_fill(~mask[:, None, :, None], 1e3)
+    assert rel_err(decode_attention(q, key2, value, mask), ref) < 1e-12
+
+
+def test_step_counters_and_the_grad_enabled_step():
+    """The decoding step keeps the device counters; with autograd on, a one-token call takes the general
+    path, which is differentiable in its own key and value and gives the same output."""
+    m = make(n_heads=4, n_kv_heads=2, rope=True)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    with torch.no_grad():
+        cache = m.allocate_cache(2, 7)
+        m(x[:, :5], cache=cache, padding_mask=mask)
+        assert cache.positions.tolist() == [5, 3] and cache.fill.tolist() == [5] and cache.has_padding
+        stepped = m(x[:, 5:], cache=cache)
+        assert cache.positions.tolist() == [6, 4] and cache.fill.tolist() == [6] and cache.length == 6
+        assert cache.valid[:, 5].all()
+        graded_cache = m.allocate_cache(2, 7)
+        m(x[:, :5], cache=graded_cache, padding_mask=mask)
+    x5 = x[:, 5:].clone().requires_grad_(True)
+    graded = m(x5, cache=graded_cache)
+    assert rel_err(graded.detach(), stepped) < 1e-12
+    assert graded_cache.positions.tolist() == [6, 4] and graded_cache.fill.tolist() == [6]
+    (grad,) = torch.autograd.grad(graded.sum(), x5)
+    assert grad.abs().sum() > 0

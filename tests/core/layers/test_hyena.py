@@ -191,7 +191,7 @@ def test_padded_batch_equals_alone(order):
         assert rel_err(y[b, mask[b]], m(r[None])[0]) < 1e-12
 
 
-@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("chunk", [None, 3, 1])  # 1: one-token chunks of pads take the decoding step
 def test_padded_prefill_then_steps_equals_alone(chunk):
     m = make()
     lengths, new = [6, 2], 3
@@ -248,3 +248,19 @@ def test_filter_and_fftconv_stay_float32_under_autocast():
         y = fftconv(u, h[0])
     assert h_autocast.dtype == torch.float32 and torch.equal(h_autocast, h)
     assert y.dtype == torch.float32 and torch.equal(y, fftconv(u, h[0]))
+
+
+def test_step_reads_its_position_from_the_device_counter():
+    """The step's position is ``cache.index`` (device), not the host length: stale history slots at and
+    after it are ignored, and the counter advances in place."""
+    m = make()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    full = m(x)
+    with torch.no_grad():
+        cache = m.allocate_cache(2, 8)
+        m(x[:, :4], cache=cache)
+        for buffer in cache.history:
+            buffer[..., 4:] = 1e3  # junk where the steps have not written yet
+        steps = torch.cat([m(x[:, t:t + 1], cache=cache) for t in (4, 5)], dim=1)
+    assert rel_err(steps, full[:, 4:]) < 1e-12
+    assert cache.index.tolist() == [6] and cache.length == 6

@@ -254,3 +254,42 @@ def test_router_stays_float32_under_autocast():
     assert y.dtype == torch.float32
     for key in aux:
         assert torch.equal(aux[key], aux_autocast[key])
+
+
+@pytest.mark.parametrize("mode", ["dense", "gather"])
+@pytest.mark.parametrize("top_k,renormalize,activation,capacity_factor", [
+    (1, False, "swiglu", None), (2, True, "swiglu", None), (2, False, "gelu", 0.6), (3, True, "swiglu", 0.9),
+])
+def test_fixed_shape_decoding_route_equals_dispatch(mode, top_k, renormalize, activation, capacity_factor):
+    """One position per row (a decoding step) routes with fixed shapes; it equals the dispatch path on
+    the same tokens (given as one row of length B), drops and auxiliary losses included."""
+    m = make(n_experts=5, top_k=top_k, renormalize=renormalize, activation=activation,
+             capacity_factor=capacity_factor, load_balancing_coef=0.3, z_loss_coef=0.2, seed=2)
+    m.decode_experts = mode
+    x = torch.randn(7, 1, 16, dtype=torch.float64)
+    y, aux = m(x)
+    ref, ref_aux = m(x.transpose(0, 1))  # [1, 7, d]: the dispatch path, same 7 tokens, same capacity
+    assert rel_err(y[:, 0], ref[0]) < 1e-12
+    for name in aux:
+        assert aux[name].item() == pytest.approx(ref_aux[name].item(), rel=1e-12)
+    if capacity_factor is not None:  # not vacuous: the cap dropped assignments
+        m.capacity_factor = None
+        assert rel_err(m(x)[0], y) > 1e-3
+    # Differentiable like the dispatch path.
+    xg = x.clone().requires_grad_(True)
+    m.capacity_factor = capacity_factor
+    (g,) = torch.autograd.grad(m(xg)[0].sum(), xg)
+    xr = x.transpose(0, 1).clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(m(xr)[0].sum(), xr)
+    assert rel_err(g[:, 0], gr[0]) < 1e-12
+
+
+def test_fixed_shape_route_auto_choice_and_bad_mode():
+    m = make(n_experts=8, top_k=2)
+    x = torch.randn(1, 1, 16, dtype=torch.float64)
+    y_auto = m(x)[0]  # 3 * 1 * 2 < 8: gathers the chosen experts
+    m.decode_experts = "dense"
+    assert rel_err(y_auto, m(x)[0]) < 1e-12
+    m.decode_experts = "sparse"
+    with pytest.raises(ValueError, match="decode_experts"):
+        m(x)

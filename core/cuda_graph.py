@@ -1,0 +1,320 @@
+"""Decoding with CUDA graphs: the one-token step captured once per (batch size, cache shape), replayed
+per token.
+
+A decoding step of a small model is hundreds of tiny kernels; launched one by one from Python, the GPU
+waits on the CPU. A CUDA graph records the launches once and replays them with one call. A replay
+re-runs the same kernels on the same memory, so the step must be *capture safe*:
+
+- everything that changes per token is device data read by the kernels: the recurrent states (updated in
+  place by the fused step ops ``ssm_suite::selective_scan_step``, ``ssm_suite::ssd_step``,
+  ``ssm_suite::causal_conv1d_step``), and the KV / Hyena write slot and row positions
+  (:class:`core.cache.KVCache` ``counters``, :class:`core.cache.HyenaCache` ``index``), which the step
+  reads and increments in place;
+- no ``.item()``, no Python branch on tensor values, no shape that depends on the data (the MoE routes a
+  one-position input with fixed shapes, attention attends over the whole preallocated buffer with a mask);
+- the cache, the input ids and the derived constants (``core.cache.decode_memo``) are allocated before the
+  capture and only updated in place afterwards.
+
+Pieces:
+
+- :func:`decode_step`: the step itself, token ids [B] -> logits [B, vocab] float32. For a standard
+  :class:`~core.backbone.CausalLM` it walks the blocks with the fused residual-add + RMSNorm kernel
+  (one kernel a block instead of four; the same arithmetic as ``Block.forward``), else it calls the model.
+  ``generate`` uses it with and without graphs, so both produce identical tokens.
+- :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
+  runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
+  step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
+  static-buffer step eagerly: the CPU tests drive the whole graph code path with it.
+- :class:`CUDAGraphDecoder`: the runners of one model keyed by (batch size, the shapes of the cache), so
+  repeated ``generate`` calls of the same shape reuse a graph (a Mamba-only model's cache does not depend
+  on the sequence length, so one graph serves every length; length-dependent caches are allocated to a
+  multiple of ``length_bucket`` positions, 128 by default, so that nearby lengths share one graph at the
+  cost of attending over at most 127 masked slots). Least recently used runners are dropped
+  past ``max_graphs`` (each holds a cache); all are dropped when a parameter changes (storage or version
+  counter), since a graph would keep stale derived constants. :func:`graph_decoder` keeps one per model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from core.backbone import Backbone, Block, CausalLM, upcast_residual
+from core.cache import InferenceCache
+from core.layers.norm import RMSNorm
+from kernels.norm import rms_norm
+
+LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a multiple of this
+
+
+# --------------------------------------------------------------------------------------------------
+# Which models can be captured
+# --------------------------------------------------------------------------------------------------
+
+def _stateless_or_safe(mixer: nn.Module) -> bool:
+    # Mixers declare ``cuda_graph_safe``; the MLP (stateless, fixed shapes) and S4D (a fixed-size state
+    # updated with elementwise ops) are capture safe without declaring it.
+    if getattr(mixer, "cuda_graph_safe", False):
+        return True
+    from core.layers.mlp import MLP
+    from core.layers.s4d import S4D
+    return isinstance(mixer, (MLP, S4D))
+
+
+def graph_unsafe_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s decoding step cannot be captured in a CUDA graph; None when it can."""
+    if not isinstance(model, CausalLM):
+        return (f"{type(model).__name__} is not a core.backbone.CausalLM (its cached forward may branch on "
+                "host-side counters); decode it with cuda_graph=False")
+    for block in model.backbone.layers:
+        mixer = getattr(block, "mixer", None)
+        if mixer is None or not _stateless_or_safe(mixer):
+            return (f"block {getattr(block, 'layer_idx', '?')} ({type(mixer).__name__}) has no capture-safe "
+                    "decoding step (no cuda_graph_safe attribute); decode with cuda_graph=False")
+    return None
+
+
+def _fusable(model: nn.Module) -> bool:
+    """Whether :func:`decode_step` may run the blocks itself (the standard backbone, unmodified)."""
+    if not isinstance(model, CausalLM) or type(model.backbone) is not Backbone:
+        return False
+    backbone = model.backbone
+    return isinstance(backbone.norm_f, RMSNorm) and all(
+        type(block) is Block and isinstance(block.norm, RMSNorm) for block in backbone.layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+    """One decoding step: input_ids int64 [B] (one token per row) -> logits float32 [B, vocab_size].
+
+    Continues from ``cache`` and leaves the state after the token in it (device state and host counters).
+    For a standard :class:`CausalLM` the residual add of each block is fused with the next block's
+    RMSNorm (``kernels.norm.rms_norm(..., residual=...)``): the same float32 arithmetic as
+    ``Block.forward`` in fewer kernels. Other models run their own forward.
+    """
+    if not _fusable(model):
+        return model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1]
+    backbone = model.backbone
+    out = backbone.embedding(input_ids[:, None])  # [B, 1, d_model]
+    # The residual stream's dtype, as Backbone / Block keep it.
+    stream_dtype = upcast_residual(out).dtype if backbone.residual_in_fp32 else out.dtype
+    residual = None
+    for block, layer_cache in zip(backbone.layers, cache.layers):
+        # residual <- residual + out (the previous block's output), h <- norm(residual), in one kernel.
+        h, residual = rms_norm(out, block.norm.weight, block.norm.eps, residual=residual,
+                               residual_out_dtype=stream_dtype)
+        out = block.mixer(h.to(block.norm.weight.dtype), cache=layer_cache)
+        if isinstance(out, tuple):  # the MoE's (y, aux)
+            out = out[0]
+    hidden, _ = rms_norm(out, backbone.norm_f.weight, backbone.norm_f.eps, residual=residual,
+                         residual_out_dtype=stream_dtype)
+    cache.seqlen_offset += 1
+    logits = model.lm_head(hidden[:, 0].to(model.lm_head.weight.dtype))
+    return logits[..., : model.config.vocab_size].float()
+
+
+# --------------------------------------------------------------------------------------------------
+# One captured step
+# --------------------------------------------------------------------------------------------------
+
+class CUDAGraphRunner:
+    """A decoding step for one batch size and cache shape: static cache, input ids and logits, and the
+    CUDA graph that runs :func:`decode_step` on them (or, with ``capture=False``, the same step run
+    eagerly on the same buffers).
+
+    Use: :meth:`begin` (clears the cache), a prefill with ``model(..., cache=runner.cache)``, then
+    :meth:`step` per token. The host counters of the cache are kept right after every step.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_seqlen: int, capture: bool,
+                 warmup_steps: int = 2) -> None:
+        device = next(model.parameters()).device
+        if capture and device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the model on a CUDA device, it is on {device}")
+        self._model = weakref.ref(model)
+        self.batch_size = batch_size
+        # Ordinary tensors even when called under torch.inference_mode: the cache is updated in place
+        # by later calls, which inference tensors would refuse outside that mode.
+        with torch.inference_mode(False):
+            self.cache = model.allocate_cache(batch_size, max_seqlen, device=device)
+            self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._counted = [layer for layer in self.cache.layers
+                         if layer is not None and isinstance(getattr(layer, "length", None), int)]
+        if capture:
+            with torch.inference_mode(False):
+                self._capture(model, warmup_steps)
+
+    @torch.no_grad()
+    def _capture(self, model: nn.Module, warmup_steps: int) -> None:
+        device = self.input_ids.device
+        # Warm-up on a side stream (the PyTorch recipe): compiles the Triton kernels for these shapes,
+        # initializes cuBLAS, computes the memoized constants, all outside the capture.
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup_steps)):
+                self.cache.reset()  # each warm-up step writes slot 0: no overflow whatever max_seqlen
+                decode_step(model, self.input_ids, self.cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.cache.reset()
+        graph = torch.cuda.CUDAGraph()
+        # Capture records the kernels without running them; the logits tensor lives in the graph's
+        # private memory pool and is rewritten by every replay.
+        with torch.cuda.graph(graph):
+            self.logits = decode_step(model, self.input_ids, self.cache)
+        self.graph = graph
+        self.cache.reset()  # the host counters moved during capture
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def begin(self, max_seqlen: int) -> InferenceCache:
+        """Clear the cache for a new sequence of up to ``max_seqlen`` tokens; returns it."""
+        self.cache.reset()
+        # Equal cache shapes (the decoder's key) mean the tensors fit this length too (a Mamba-only
+        # cache has none that depends on it).
+        self.cache.max_seqlen = max_seqlen
+        return self.cache
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed token int64 [B]; returns the next logits float32 [B, vocab_size] (a static buffer,
+        overwritten by the next step: read or copy it before calling again)."""
+        seen = self.cache.seqlen_offset
+        if seen >= self.cache.max_seqlen:
+            # Checked on the host: past the buffers, a replay would write out of bounds.
+            raise ValueError(f"the decoding cache is full ({seen} of max_seqlen={self.cache.max_seqlen} "
+                             "tokens); allocate a longer one")
+        self.input_ids.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            model = self._model()
+            if model is None:
+                raise RuntimeError("the model of this CUDAGraphRunner was garbage collected")
+            self.logits = decode_step(model, self.input_ids, self.cache)
+        # A replay advances the device counters only; the host counters follow here.
+        self.cache.seqlen_offset = seen + 1
+        for layer in self._counted:
+            layer.length = seen + 1
+        return self.logits
+
+
+# --------------------------------------------------------------------------------------------------
+# The runners of one model
+# --------------------------------------------------------------------------------------------------
+
+def _weights_key(model: nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                 for t in list(model.parameters()) + list(model.buffers()))
+
+
+class CUDAGraphDecoder:
+    """Captured decoding steps of one model, keyed by (batch size, cache shapes); see the module docstring.
+
+    capture: True captures CUDA graphs (the model must be on CUDA), False runs the same static-buffer
+        step eagerly (CPU tests, debugging), None (default) captures on CUDA only.
+    max_graphs: runners kept at once (each holds a cache); the least recently used goes first.
+    length_bucket: caches are allocated to a multiple of this many positions (1: exactly the length asked).
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 2, capture: bool | None = None,
+                 warmup_steps: int = 2, length_bucket: int = LENGTH_BUCKET) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if length_bucket < 1:
+            raise ValueError(f"length_bucket must be >= 1, got {length_bucket}")
+        reason = graph_unsafe_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self._model = weakref.ref(model)
+        self.max_graphs = max_graphs
+        self.capture = capture
+        self.warmup_steps = warmup_steps
+        self.length_bucket = length_bucket
+        self._shape_keys: dict[tuple[int, int], tuple[int, tuple]] = {}
+        self.runners: OrderedDict[tuple, CUDAGraphRunner] = OrderedDict()
+        self._weights: tuple | None = None
+        self.captures = 0  # how many runners were built (tests and benchmarks read it)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this CUDAGraphDecoder was garbage collected")
+        return model
+
+    def clear(self) -> None:
+        """Drop every runner (their graphs, caches and memory pools)."""
+        self.runners.clear()
+        self._shape_keys.clear()
+
+    def runner(self, batch_size: int, max_seqlen: int) -> CUDAGraphRunner:
+        """The runner for this batch size and a cache of ``max_seqlen`` (captured on first use), with its
+        cache cleared (:meth:`CUDAGraphRunner.begin`)."""
+        model = self.model
+        weights = _weights_key(model)
+        if weights != self._weights:  # new weights: derived constants baked into the graphs are stale
+            self.clear()
+            self._weights = weights
+        device = next(model.parameters()).device
+        capture = device.type == "cuda" if self.capture is None else self.capture
+        length, shapes = self._cache_length(model, batch_size, max_seqlen)
+        key = (batch_size, shapes, capture)
+        runner = self.runners.pop(key, None)
+        if runner is None:
+            while len(self.runners) >= self.max_graphs:
+                self.runners.popitem(last=False)  # frees its cache before the new one is allocated
+            runner = CUDAGraphRunner(model, batch_size, length, capture, self.warmup_steps)
+            self.captures += 1
+        self.runners[key] = runner
+        runner.begin(max_seqlen)
+        return runner
+
+    def _cache_length(self, model: nn.Module, batch_size: int, max_seqlen: int) -> tuple[int, tuple]:
+        known = self._shape_keys.get((batch_size, max_seqlen))
+        if known is None:
+            known = bucketed_cache_length(model, batch_size, max_seqlen, self.length_bucket)
+            if len(self._shape_keys) > 256:
+                self._shape_keys.clear()
+            self._shape_keys[(batch_size, max_seqlen)] = known
+        return known
+
+
+def bucketed_cache_length(model: nn.Module, batch_size: int, max_seqlen: int,
+                          bucket: int = LENGTH_BUCKET) -> tuple[int, tuple]:
+    """The cache length to allocate for ``max_seqlen`` tokens and the cache's shape key.
+
+    The length is ``max_seqlen`` rounded up to a multiple of ``bucket`` (exact where the model refuses
+    the rounded one, e.g. past a Hyena filter's length); the key comes from a meta-device allocation (no
+    memory). Eager decoding allocates the same length as the graph decoder, so that both attend over
+    equal buffers and add in the same order: their tokens are bitwise equal.
+    """
+    bucketed = -(-max_seqlen // bucket) * bucket
+    if bucketed != max_seqlen:
+        try:
+            return bucketed, model.allocate_cache(batch_size, bucketed, device="meta").shape_key()
+        except ValueError:
+            pass
+    return max_seqlen, model.allocate_cache(batch_size, max_seqlen, device="meta").shape_key()
+
+
+_DECODERS: weakref.WeakKeyDictionary[nn.Module, CUDAGraphDecoder] = weakref.WeakKeyDictionary()
+
+
+def graph_decoder(model: nn.Module) -> CUDAGraphDecoder:
+    """The model's :class:`CUDAGraphDecoder`, created on first use and kept as long as the model lives."""
+    decoder = _DECODERS.get(model)
+    if decoder is None:
+        decoder = _DECODERS[model] = CUDAGraphDecoder(model)
+    return decoder
