@@ -18,6 +18,11 @@ config.json, and downloads nothing:
 - mamba_ssm's ``MambaLMHeadModel`` (``d_model``, ``n_layer``, ``ssm_cfg``, ...) with ``pytorch_model.bin``.
 
 The mappings of the foreign layouts live in :mod:`core.convert_hf`.
+
+Training checkpoints (Lightning ``.ckpt`` files, and the folders of shards that FSDP runs write) become
+exports with :func:`consolidate_checkpoint`, also a command:
+
+    python -m core.checkpoint consolidate <checkpoint file or folder> <export folder> [--like <export>]
 """
 
 from __future__ import annotations
@@ -436,3 +441,113 @@ def load_pretrained(folder: str | os.PathLike, device: torch.device | str | None
         state = state_dict_from_mamba_ssm(data, read_weights(folder), config)
         source = f"mamba_ssm checkpoint {folder}"
     return build_model(config, state, device=device, dtype=dtype, source=source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints (Lightning .ckpt files and sharded FSDP folders) to exports
+# --------------------------------------------------------------------------------------------------
+
+SHARDED_META_NAME = "meta.pt"  # what Lightning writes next to the shards of a sharded checkpoint
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LightningModule's full state dict (CPU tensors, keys as ``module.state_dict()``) and the rest of
+    a Lightning checkpoint (``global_step``, ``hyper_parameters``, ...; no optimizer state).
+
+    ``path`` is a ``.ckpt`` file (single device, DDP, FSDP with ``state_dict_type=full``) or the folder
+    of a sharded FSDP checkpoint: the shards of any number of ranks are read and assembled into whole
+    tensors in this one process (torch.distributed.checkpoint reshards on load; no process group is
+    needed), reading only the model's entries, not the optimizer's.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"read_training_checkpoint: no checkpoint at {path}")
+    # weights_only=False: a Lightning checkpoint of our own runs holds loop and callback state (plain
+    # Python objects); never point this at files of unknown origin.
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+        state = checkpoint.pop("state_dict")
+        checkpoint.pop("optimizer_states", None)
+        return state, checkpoint
+    meta = path / SHARDED_META_NAME
+    if not meta.is_file():
+        raise CheckpointError(f"{path} is a folder but not a sharded Lightning checkpoint (no {SHARDED_META_NAME}; "
+                              f"it holds: {_listing(path)})")
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(path))
+    entries = reader.read_metadata().state_dict_metadata
+    # Lightning saves {"model": module state dict, "optimizer_0": ...}; DCP flattens the keys to
+    # "model.<module key>". Allocating whole tensors for the model entries only and loading into them
+    # gathers every rank's shard of each.
+    template = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+                for key, entry in entries.items()
+                if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    if not template:
+        raise CheckpointError(f"{path}: the sharded checkpoint holds no model tensors")
+    import warnings
+
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_load(template, storage_reader=reader)
+    state = {key[len("model."):]: tensor for key, tensor in template.items()}
+    info = torch.load(meta, map_location="cpu", weights_only=False)
+    return state, info
+
+
+def consolidate_checkpoint(checkpoint: str | os.PathLike, folder: str | os.PathLike,
+                           tokenizer_json: str | None = None, like: str | os.PathLike | None = None,
+                           prefix: str = "model.") -> Path:
+    """Write an export (see :func:`save_export`) from a training checkpoint of a
+    :class:`core.training.CausalLMModule`: a ``.ckpt`` file or a sharded FSDP folder saved on any number
+    of devices. The model config comes from the checkpoint's hyper-parameters.
+
+    tokenizer_json: a tokenizer.json to include; like: an export folder of the same run whose
+                    tokenizer.json and ``extra`` metadata (data settings that eval / generate read) are
+                    carried over. ``extra`` also records the checkpoint and its step.
+    """
+    state, info = read_training_checkpoint(checkpoint)
+    hyper = info.get("hyper_parameters") or {}
+    if "model_config" not in hyper:
+        raise CheckpointError(
+            f"{checkpoint}: not a CausalLMModule checkpoint (its hyper-parameters are {sorted(hyper)}, no "
+            "model_config); read it with read_training_checkpoint and write the domain's own export"
+        )
+    config = ModelConfig.from_dict(dict(hyper["model_config"]))
+    model_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    model = build_model(config, model_state, source=f"checkpoint {checkpoint}")
+    extra: dict[str, Any] = {}
+    if like is not None:
+        reference = read_export_info(like)
+        extra = dict(reference.extra)
+        if tokenizer_json is None and reference.tokenizer_path is not None:
+            tokenizer_json = str(reference.tokenizer_path)
+    extra.update({"checkpoint": str(Path(checkpoint).resolve()), "steps": info.get("global_step")})
+    return save_export(model, folder, tokenizer_json=tokenizer_json, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m core.checkpoint consolidate <checkpoint> <export folder> [--tokenizer F] [--like EXPORT]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m core.checkpoint",
+                                     description="Checkpoint tools of ssm-suite.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    consolidate = commands.add_parser(
+        "consolidate", help="write an export (what eval / generate load) from a training checkpoint: a .ckpt "
+                            "file or a sharded FSDP checkpoint folder saved on any number of devices")
+    consolidate.add_argument("checkpoint", help="e.g. runs/lm/<run>/checkpoints/last.ckpt (file or folder)")
+    consolidate.add_argument("folder", help="the export folder to write")
+    consolidate.add_argument("--tokenizer", help="a tokenizer.json to include")
+    consolidate.add_argument("--like", help="an export of the same run: copy its tokenizer and metadata")
+    args = parser.parse_args(argv)
+    folder = consolidate_checkpoint(args.checkpoint, args.folder, tokenizer_json=args.tokenizer, like=args.like)
+    print(f"export written to {folder}")
+
+
+if __name__ == "__main__":
+    main()

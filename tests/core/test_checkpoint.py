@@ -196,3 +196,59 @@ def test_weights_of_another_model_raise(tmp_path: Path) -> None:
     assert ("unexpected keys: backbone.layers.3.mixer.down_proj.weight; backbone.layers.3.mixer.gate_proj.weight; "
             "backbone.layers.3.mixer.up_proj.weight\n") in message  # '-' where 'H' was
     assert "shape mismatches: backbone.embedding.weight: checkpoint (200, 32) vs model (64, 32)" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints to exports (the sharded FSDP folders are covered in tests/core/test_parallel.py)
+# --------------------------------------------------------------------------------------------------
+
+def _trained_checkpoint(tmp_path: Path):
+    """A real Lightning checkpoint of a CausalLMModule after one optimizer step, and the module."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from core.training import CausalLMModule, OptimConfig
+
+    config = ModelConfig(d_model=16, pattern="S*", vocab_size=32)
+    config.mamba1.d_state = 4
+    config.attention.n_heads = 2
+    module = CausalLMModule(config, OptimConfig(warmup_steps=1, max_steps=1))
+    ids = torch.randint(0, 32, (4, 9))
+    data = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    path = tmp_path / "step1.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_consolidate_a_checkpoint_file_into_an_export(tmp_path: Path, capsys) -> None:
+    path, module = _trained_checkpoint(tmp_path)
+    state, info = ckpt.read_training_checkpoint(path)
+    assert info["global_step"] == 1 and "optimizer_states" not in info and "model_config" in info["hyper_parameters"]
+    assert set(state) == set(module.state_dict())
+
+    like = save_export(module.model, tmp_path / "final", tokenizer_json=TOKENIZER, extra={"data": {"name": "x"}})
+    ckpt.main(["consolidate", str(path), str(tmp_path / "export"), "--like", str(like)])
+    assert "export written" in capsys.readouterr().out
+    info = read_export_info(tmp_path / "export")
+    assert info.extra["data"] == {"name": "x"} and info.extra["steps"] == 1 and info.tokenizer_path is not None
+    loaded = load_export(tmp_path / "export")
+    for name, tensor in module.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_consolidate_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt.consolidate_checkpoint(tmp_path / "missing.ckpt", tmp_path / "export")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CheckpointError, match="no meta.pt"):
+        ckpt.consolidate_checkpoint(tmp_path / "folder", tmp_path / "export")
+    torch.save({"state_dict": {}, "hyper_parameters": {"spec": {}}, "global_step": 0}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a CausalLMModule checkpoint"):
+        ckpt.consolidate_checkpoint(tmp_path / "other.ckpt", tmp_path / "export")
+    torch.save({"weights": 1}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        ckpt.read_training_checkpoint(tmp_path / "plain.pt")
+    assert not (tmp_path / "export").exists()

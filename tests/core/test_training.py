@@ -89,3 +89,50 @@ def test_clipping_with_a_fused_optimizer_under_bf16(tmp_path):
     assert trainer.global_step == 2
     moved = [(p.detach() - b).norm() for p, b in zip(module.model.parameters(), before)]
     assert all(math.isfinite(float(m)) for m in moved) and max(float(m) for m in moved) > 0
+
+
+def test_parameter_groups_see_through_activation_checkpointing():
+    from core.parallel import apply_activation_checkpointing
+
+    plain = CausalLMModule(get_preset("jamba-tiny"), OptimConfig()).model
+    wrapped = CausalLMModule(get_preset("jamba-tiny"), OptimConfig()).model
+    apply_activation_checkpointing(wrapped)
+    sizes = [[p.numel() for p in g["params"]] for g in parameter_groups(plain, OptimConfig())]
+    assert [[p.numel() for p in g["params"]] for g in parameter_groups(wrapped, OptimConfig())] == sizes
+
+
+def test_build_trainer_applies_the_strategy_and_checkpointing(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+    from omegaconf import OmegaConf
+
+    from core.parallel import ActivationCheckpointing
+    from core.training import build_trainer
+
+    cfg = OmegaConf.create({"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "ddp",
+                            "activation_checkpointing": 2, "precision": "32-true", "max_steps": 2,
+                            "val_check_interval": 1, "limit_val_batches": 1, "gradient_clip_val": 1.0,
+                            "log_every_n_steps": 1, "tensorboard": False})
+    trainer = build_trainer(cfg, tmp_path)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    (checkpointing,) = [c for c in trainer.callbacks if isinstance(c, ActivationCheckpointing)]
+    assert (checkpointing.mode, checkpointing.every_n) == ("every_n", 2)
+    cfg.strategy, cfg.activation_checkpointing = "auto", False
+    trainer = build_trainer(cfg, tmp_path)
+    assert not any(isinstance(c, ActivationCheckpointing) for c in trainer.callbacks)
+    cfg.strategy = "horovod"
+    with pytest.raises(ValueError, match="not one of"):
+        build_trainer(cfg, tmp_path)
+
+
+def test_resume_path_and_step_of_a_sharded_checkpoint_folder(tmp_path):
+    from core.training import checkpoint_step, resume_path
+
+    folder = tmp_path / "checkpoints" / "last.ckpt"
+    folder.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without meta.pt"):
+        resume_path("last", tmp_path)
+    torch.save({"global_step": 7}, folder / "meta.pt")
+    assert resume_path("last", tmp_path) == str(folder)
+    assert checkpoint_step(resume_path("last", tmp_path)) == 7 and checkpoint_step(None) == 0
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resume_path(str(tmp_path / "nope.ckpt"), tmp_path)
