@@ -58,6 +58,26 @@ What each component counts:
 attention kernels it knows (on CPU ``scaled_dot_product_attention`` only through the math backend), but
 not FFTs nor elementwise ops, and it counts whatever the scan implementations happen to express as
 matmuls. The tests compare it exactly with the Linear, attention and MoE components above.
+
+Inference cache
+---------------
+:func:`cache_bytes` gives the bytes of the :class:`~core.cache.InferenceCache` that
+``CausalLM.allocate_cache(batch, seqlen, dtype=dtype)`` allocates, by kind (the tests allocate caches
+and compare tensor by tensor):
+
+- ``kv``: attention keys and values, 2 x [B, n_kv_heads, seqlen, head_dim] in the cache dtype;
+- ``kv_mask``: attention's ``valid`` mask, bool [B, seqlen] (which cached positions are real tokens);
+- ``conv_state``: the short convolutions' last inputs, Mamba-1 [B, d_inner, d_conv - 1], Mamba-2
+  [B, d_inner + 2 ngroups d_state, d_conv - 1], Hyena [B, (order + 1) d_model, short_filter_order - 1],
+  in the cache dtype;
+- ``ssm_state``: Mamba-1 [B, d_inner, d_state], Mamba-2 [B, nheads, headdim, d_state], float32 whatever
+  the cache dtype (float64 for a float64 cache); S4D [B, d_model, d_state] complex64 (complex128);
+- ``hyena_history``: Hyena's long-convolution inputs, (order - 1) x [B, d_model, seqlen], cache dtype.
+
+Only ``kv``, ``kv_mask`` and ``hyena_history`` grow with the sequence. Small bookkeeping tensors a cache
+may add (per-row lengths for CUDA-graph decoding, a few bytes per sequence and layer) are not counted.
+:data:`REFERENCE_CONFIGS` holds the shapes of Llama-2 7B, Mistral 7B and Mixtral 8x7B (not training
+presets: the models of the Jamba paper's KV-cache table, which ``scripts/report_memory.py`` reproduces).
 """
 
 from __future__ import annotations
@@ -65,8 +85,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from core import pattern as P
-from core.config import ModelConfig
+from core.config import AttentionConfig, MLPConfig, ModelConfig, MoEConfig
 from core.layers.mlp import mlp_hidden_size
 
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +394,146 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int, batch_size: int =
 def training_flops_per_token(config: ModelConfig, seq_len: int, batch_size: int = 1) -> float:
     """Training FLOPs per token, forward + backward = 3x forward (see the module docstring)."""
     return flops_breakdown(config, seq_len, batch_size).training
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference cache
+# --------------------------------------------------------------------------------------------------
+
+CACHE_KINDS = ("kv", "kv_mask", "conv_state", "ssm_state", "hyena_history")
+
+
+def _state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(real, complex) dtype of the recurrent states for a cache in ``dtype``: float32 / complex64, or
+    float64 / complex128 for a float64 cache (as the Mamba and S4D mixers allocate them)."""
+    return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
+
+
+def layer_cache_bytes(char: str, config: ModelConfig, seqlen: int, batch: int = 1,
+                      dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of one ``char`` block's cache by kind (:data:`CACHE_KINDS`; absent kinds are omitted, MLP
+    and MoE blocks have none), for ``batch`` sequences of up to ``seqlen`` tokens in ``dtype``."""
+    d = config.d_model
+    size = dtype.itemsize
+    state_real, state_complex = _state_dtypes(dtype)
+    if char == P.MAMBA1:
+        c = config.mamba1
+        d_inner = c.expand * d
+        return {"conv_state": batch * d_inner * (c.d_conv - 1) * size,
+                "ssm_state": batch * d_inner * c.d_state * state_real.itemsize}
+    if char == P.MAMBA2:
+        c = config.mamba2
+        dims = mamba2_dims(config)
+        return {"conv_state": batch * dims["conv_dim"] * (c.d_conv - 1) * size,
+                "ssm_state": batch * dims["nheads"] * c.headdim * c.d_state * state_real.itemsize}
+    if char == P.ATTENTION:
+        _, n_kv, head_dim = attention_dims(config)
+        return {"kv": 2 * batch * n_kv * seqlen * head_dim * size,
+                "kv_mask": batch * seqlen * torch.bool.itemsize}
+    if char == P.HYENA:
+        c = config.hyena
+        return {"conv_state": batch * (c.order + 1) * d * (c.short_filter_order - 1) * size,
+                "hyena_history": (c.order - 1) * batch * d * seqlen * size}
+    if char == P.S4D:
+        return {"ssm_state": batch * d * config.s4d.d_state * state_complex.itemsize}
+    if char in (P.MLP, P.MOE):
+        return {}
+    P.validate_pattern(char)
+    raise AssertionError(f"no cache rule for block {char!r}")
+
+
+@dataclass
+class CacheBytes:
+    """An inference cache's size by kind (see the module docstring), for ``batch`` sequences."""
+
+    seqlen: int
+    batch: int
+    dtype: torch.dtype
+    by_kind: dict[str, int]  # every kind of CACHE_KINDS, 0 when the model has none
+    per_layer: list[dict[str, int]] = field(default_factory=list)  # layer_cache_bytes of each block
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def kv(self) -> int:
+        """Keys and values only: what a KV-cache table counts."""
+        return self.by_kind["kv"]
+
+    @property
+    def state(self) -> int:
+        """The fixed-size recurrent part (conv and SSM states), independent of ``seqlen``."""
+        return self.by_kind["conv_state"] + self.by_kind["ssm_state"]
+
+    def per_sequence(self) -> float:
+        return self.total / self.batch
+
+
+def cache_bytes(config: ModelConfig, *, seqlen: int, batch: int = 1,
+                dtype: torch.dtype = torch.bfloat16) -> CacheBytes:
+    """Bytes of ``CausalLM(config).allocate_cache(batch, seqlen, dtype=dtype)``, by kind and by block.
+
+    Computed from the config alone (no tensor is allocated), so it is available for any size. Hyena's
+    cache cannot actually be allocated beyond ``config.hyena.max_seqlen`` (its filter length); the
+    formula still says what it would take.
+    """
+    if seqlen < 1 or batch < 1:
+        raise ValueError(f"cache_bytes needs seqlen >= 1 and batch >= 1, got seqlen={seqlen}, batch={batch}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"cache_bytes: dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    per_layer = [layer_cache_bytes(char, config, seqlen, batch, dtype) for char in config.pattern]
+    by_kind = dict.fromkeys(CACHE_KINDS, 0)
+    for layer in per_layer:
+        for kind, n in layer.items():
+            by_kind[kind] += n
+    return CacheBytes(seqlen=seqlen, batch=batch, dtype=dtype, by_kind=by_kind, per_layer=per_layer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference shapes: the models of the Jamba paper's KV-cache table (not training presets)
+# --------------------------------------------------------------------------------------------------
+
+def _llama_like(name: str, n_layers: int, n_kv_heads: int, ffn_hidden: int, rope_theta: float,
+                moe: MoEConfig | None = None) -> ModelConfig:
+    """A Llama-family decoder (d_model 4096, 32 heads of 128, SwiGLU, RMSNorm, RoPE, untied, vocab
+    32000): attention and MLP (or MoE) blocks alternate, each pre-norm, as ``LlamaDecoderLayer``."""
+    return ModelConfig(
+        name=name,
+        d_model=4096,
+        pattern=("*E" if moe is not None else "*-") * n_layers,
+        vocab_size=32000,
+        pad_vocab_size_multiple=1,
+        tie_embeddings=False,
+        norm_eps=1e-5,
+        attention=AttentionConfig(n_heads=32, n_kv_heads=n_kv_heads, rope=True, rope_theta=rope_theta),
+        mlp=MLPConfig(activation="swiglu", hidden_size=ffn_hidden),
+        moe=moe or MoEConfig(),
+    )
+
+
+def llama2_7b() -> ModelConfig:
+    """Llama-2 7B (Touvron et al. 2023; HF ``meta-llama/Llama-2-7b-hf``): 32 layers, MHA (32 KV heads),
+    SwiGLU 11008; 6,738,415,616 parameters."""
+    return _llama_like("llama-2-7b", 32, n_kv_heads=32, ffn_hidden=11008, rope_theta=10000.0)
+
+
+def mistral_7b() -> ModelConfig:
+    """Mistral 7B v0.1 (Jiang et al. 2023): 32 layers, GQA with 8 KV heads, SwiGLU 14336; 7.24B
+    parameters. Its 4096-token sliding window is not modelled: the cache here (and in the Jamba
+    paper's table) holds every position."""
+    return _llama_like("mistral-7b", 32, n_kv_heads=8, ffn_hidden=14336, rope_theta=10000.0)
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """Mixtral 8x7B (Jiang et al. 2024): Mistral's attention, 8 SwiGLU experts of 14336, top-2 with
+    renormalized weights; 46.7B parameters, 12.9B active."""
+    moe = MoEConfig(n_experts=8, top_k=2, hidden_size=14336, activation="swiglu", renormalize=True,
+                    load_balancing_coef=0.001, z_loss_coef=0.0)
+    return _llama_like("mixtral-8x7b", 32, n_kv_heads=8, ffn_hidden=14336, rope_theta=1e6, moe=moe)
+
+
+REFERENCE_CONFIGS = {"llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "mixtral-8x7b": mixtral_8x7b}
 
 
 def presets_table(names: list[str] | None = None, seq_len: int = 2048) -> str:
