@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from core.checkpoint import atomic_write
-from core.training import OptimConfig, ResumableSampler, build_trainer, resume_path
+from core.parallel import data_parallel_size
+from core.training import OptimConfig, ResumableSampler, build_trainer, checkpoint_step, gather_model, resume_path
 from domains.audio.data import PreparedAudio, Quantization, RandomCrops, Windows, prepare
 from domains.audio.model import AudioLMModule, save_audio_export
 from domains.audio.quantize import quantize
@@ -39,17 +40,14 @@ def quantization_from(cfg: DictConfig) -> Quantization:
 def data_loaders(cfg: DictConfig, data: PreparedAudio, quant: Quantization, start_step: int) -> tuple[DataLoader, DataLoader]:
     steps, batch = int(cfg.trainer.max_steps), int(cfg.batch_size)
     seq_len = int(cfg.seq_len)
-    train_set = RandomCrops(data, "train", seq_len, num_samples=steps * batch, seed=int(cfg.run.seed), quant=quant)
+    train_set = RandomCrops(data, "train", seq_len, num_samples=steps * batch * data_parallel_size(cfg.trainer),
+                            seed=int(cfg.run.seed), quant=quant)
     workers = int(cfg.trainer.num_workers)
     train = DataLoader(train_set, batch_size=batch, sampler=ResumableSampler(len(train_set), start=start_step * batch),
                        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     val = DataLoader(Windows(data, "val", seq_len, quant, max_windows_per_clip=cfg.get("val_windows_per_clip")),
                      batch_size=batch, num_workers=workers)
     return train, val
-
-
-def _checkpoint_step(path: str | None) -> int:
-    return 0 if path is None else int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -72,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.model.parameters())
     print(f"model: {spec['backbone']} {spec['config']['pattern']!r} d_model {spec['config']['d_model']}, "
           f"{n_params:,} parameters; context {cfg.seq_len} samples ({int(cfg.seq_len) / data.sample_rate:.3f} s)")
-    train_loader, val_loader = data_loaders(cfg, data, quant, _checkpoint_step(ckpt))
+    train_loader, val_loader = data_loaders(cfg, data, quant, checkpoint_step(ckpt))
     trainer = build_trainer(cfg.trainer, run_dir)
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
@@ -80,9 +78,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     val_loss = trainer.validate(module, dataloaders=val_loader, verbose=False)[0]["val/loss"]
     result = {"val_nats_per_sample": val_loss, "val_bits_per_sample": val_loss / math.log(2),
               "train_seconds": elapsed, "steps": trainer.global_step, "parameters": n_params}
+    model = gather_model(trainer, module.model)  # every rank: under FSDP this gathers the shards
     if trainer.is_global_zero:
         audio = {"sample_rate": data.sample_rate, "scale": data.scale, "scheme": quant.scheme, "bits": quant.bits}
-        export = save_audio_export(module.model, run_dir / "export", spec, audio,
+        export = save_audio_export(model, run_dir / "export", spec, audio,
                                    extra={"data": container(cfg.data), "seq_len": int(cfg.seq_len),
                                           "steps": trainer.global_step, "val_bits_per_sample": result["val_bits_per_sample"]})
         print(f"\nval {result['val_bits_per_sample']:.4f} bits/sample after {trainer.global_step} steps in {elapsed:.0f} s")

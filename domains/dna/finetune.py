@@ -32,10 +32,11 @@ from core.checkpoint import alias_keys, atomic_write, load_export, read_export_i
 from core.classification import ClassifierConfig, ClassifierModule, SequenceClassifier
 from core.config import ModelConfig
 from core.pattern import HYENA
-from core.training import ResumableSampler, build_trainer, resume_path
+from core.parallel import data_parallel_size
+from core.training import ResumableSampler, build_trainer, checkpoint_step, full_state_dict, resume_path
 from domains.dna.data import ClassWindows, DNAData, coding_starts, load_annotation, species_starts
 from domains.dna.evaluate import checkpoint_tokenizer, export_folder
-from domains.dna.pretrain import checkpoint_step, model_config_from, optim_config, save_resolved_config
+from domains.dna.pretrain import model_config_from, optim_config, save_resolved_config
 from domains.dna.tokenizer import DNATokenizer
 
 TASKS = ("species", "coding")
@@ -50,11 +51,13 @@ def class_starts(task: DictConfig, data: DNAData, split: str, annotation: Any) -
     raise ValueError(f"task.name={task.name!r} unknown; tasks: {TASKS}")
 
 
-def save_classifier(folder: Path, module: ClassifierModule, extra: dict[str, Any]) -> Path:
+def save_classifier(folder: Path, module: ClassifierModule, extra: dict[str, Any],
+                    state_dict: dict[str, Any] | None = None) -> Path:
     """The classifier's weights (safetensors; each shared tensor once, e.g. Hyena's sine frequencies) and
-    config (JSON: model, head, rc_map and ``extra``), each written atomically; read by :func:`load_classifier`."""
+    config (JSON: model, head, rc_map and ``extra``), each written atomically; read by :func:`load_classifier`.
+    ``state_dict``: the full weights when ``module``'s are FSDP shards (see ``core.training.full_state_dict``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    full = module.model.state_dict()
+    full = module.model.state_dict() if state_dict is None else state_dict
     aliases = alias_keys(full)
     state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in aliases}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
@@ -114,7 +117,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     _, test_starts = class_starts(task, data, "test", annotation)
     steps, batch = int(cfg.trainer.max_steps), int(cfg.batch_size)
     max_n = data.settings.max_n_fraction
-    train_set = ClassWindows(data.genome, train_starts, tokenizer, window, max_n, num_samples=steps * batch,
+    train_set = ClassWindows(data.genome, train_starts, tokenizer, window, max_n,
+                             num_samples=steps * batch * data_parallel_size(cfg.trainer),
                              seed=int(cfg.run.seed), rc_prob=float(cfg.rc_prob))
     per_class = int(cfg.eval_per_class)
     val_set = ClassWindows(data.genome, val_starts, tokenizer, window, max_n, per_class=per_class)
@@ -149,10 +153,11 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
               "pretrained": str(cfg.pretrained) if cfg.pretrained else None, "steps": trainer.global_step,
               "train_seconds": elapsed, "test_acc": float(test["test/acc"]), "test_loss": float(test["test/loss"]),
               "test_windows": len(test_set), "chance": 1.0 / len(classes), "parameters": n_params}
+    state = full_state_dict(trainer, module.model)  # every rank: under FSDP this gathers the shards
     if trainer.is_global_zero:
         save_classifier(run_dir / "classifier", module,
                         {"task": OmegaConf.to_container(task, resolve=True), "classes": list(classes),
-                         "tokenizer": tokenizer.to_dict(), "data": data.settings.to_dict()})
+                         "tokenizer": tokenizer.to_dict(), "data": data.settings.to_dict()}, state_dict=state)
         text = json.dumps(result, indent=2) + "\n"
         atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         print(f"\ntest accuracy {result['test_acc']:.3f} on {len(test_set)} windows (chance {result['chance']:.3f}) "

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -23,7 +22,9 @@ from core.checkpoint import atomic_write, save_export
 from core.config import ModelConfig
 from core.dna_presets import get_dna_preset
 from core.pattern import HYENA
-from core.training import (CausalLMModule, OptimConfig, ResumableSampler, build_trainer, mean_token_loss,
+from core.parallel import data_parallel_size
+from core.training import (CausalLMModule, OptimConfig, ResumableSampler, build_trainer, checkpoint_step,
+                           gather_model, mean_token_loss,
                            resume_path)
 from domains.dna.data import DNAData, LMEvalWindows, LMWindows
 from domains.dna.tokenizer import DNATokenizer
@@ -54,12 +55,6 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def checkpoint_step(path: str | None) -> int:
-    if path is None:
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
-
-
 def pretrain(cfg: DictConfig) -> dict[str, float]:
     """Run one pretraining job; returns val / test loss, bits per base and perplexity (per token)."""
     run_dir = Path(cfg.run.dir)
@@ -74,8 +69,8 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     ckpt = resume_path(cfg.trainer.resume, run_dir)
 
     steps, batch = int(cfg.trainer.max_steps), int(cfg.batch_size)
-    train_set = LMWindows(data, "train", tokenizer, seq_len, num_samples=steps * batch, seed=int(cfg.run.seed),
-                          rc_prob=float(cfg.rc_prob), tracks=tracks)
+    train_set = LMWindows(data, "train", tokenizer, seq_len, num_samples=steps * batch * data_parallel_size(cfg.trainer),
+                          seed=int(cfg.run.seed), rc_prob=float(cfg.rc_prob), tracks=tracks)
     val_set = LMEvalWindows(data, "val", tokenizer, seq_len, int(cfg.eval_windows), tracks=tracks)
     test_set = LMEvalWindows(data, "test", tokenizer, seq_len, int(cfg.eval_windows), tracks=tracks)
     save_resolved_config(cfg, run_dir)
@@ -99,15 +94,20 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
 
     device = module.device
     result: dict[str, float] = {"steps": trainer.global_step, "train_seconds": elapsed, "parameters": n_params}
+    # Under FSDP the weights are shards: every rank takes part in the gather, rank 0 evaluates and exports.
+    model = gather_model(trainer, module.model)
+    if model is None:
+        return result
+    model = model.to(device)
     for split, dataset in (("val", val_set), ("test", test_set)):
-        loss, tokens = mean_token_loss(module.model, DataLoader(dataset, batch_size=batch), device)
+        loss, tokens = mean_token_loss(model, DataLoader(dataset, batch_size=batch), device)
         result[f"{split}_loss"] = loss
         result[f"{split}_bits_per_base"] = tokenizer.bits_per_base(loss)
         result[f"{split}_ppl"] = math.exp(loss)
         result[f"{split}_tokens"] = tokens
     result["test_unigram_bits_per_base"] = data.unigram_bits("test", tracks)
     if trainer.is_global_zero:
-        export = save_export(module.model, run_dir / "export", tokenizer_json=tokenizer.to_json(),
+        export = save_export(model, run_dir / "export", tokenizer_json=tokenizer.to_json(),
                              extra={"task": "pretrain", "data": data.settings.to_dict(),
                                     "tokenizer": tokenizer.to_dict(), "seq_len": seq_len,
                                     "steps": trainer.global_step,

@@ -53,7 +53,16 @@ from core.chunked_loss import ChunkedLossLM
 from core.config import ModelConfig
 from core.generate import generate
 from core.presets import get_preset
-from core.training import CausalLMModule, OptimConfig, ResumableSampler, build_trainer, resume_path
+from core.parallel import data_parallel_size
+from core.training import (
+    CausalLMModule,
+    OptimConfig,
+    ResumableSampler,
+    build_trainer,
+    checkpoint_step,
+    gather_model,
+    resume_path,
+)
 from domains.lm.data import PreparedData, prepare
 from domains.lm.tokenizer import LMTokenizer
 
@@ -94,7 +103,7 @@ def data_loaders(cfg: DictConfig, data: PreparedData, start_step: int) -> tuple[
     """Training windows (seeded by index, resumable at ``start_step``) and sequential validation windows."""
     steps = int(cfg.trainer.max_steps)
     batch = int(cfg.batch_size)
-    world = int(cfg.trainer.devices) if isinstance(cfg.trainer.devices, int) else 1
+    world = data_parallel_size(cfg.trainer)
     train_set = data.train_dataset(seq_len=int(cfg.seq_len), num_samples=steps * batch * world, seed=int(cfg.run.seed))
     sampler = ResumableSampler(len(train_set), start=start_step * batch)
     workers = int(cfg.trainer.num_workers)
@@ -112,12 +121,6 @@ def eval_seq_len(cfg: DictConfig) -> int:
     if length < 1:
         raise ValueError(f"eval_seq_len must be >= 1 (or null: seq_len), got {value}")
     return length
-
-
-def _checkpoint_step(path: str | None) -> int:
-    if path is None:
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
         print(f"init: weights from the {source.kind} {source.path} (fresh optimizer and schedule)")
     elif init_from:
         print(f"init: resuming {ckpt}; trainer.init_from={init_from} is not used (the checkpoint holds the weights)")
-    train_loader, val_loader = data_loaders(cfg, data, _checkpoint_step(ckpt))
+    train_loader, val_loader = data_loaders(cfg, data, checkpoint_step(ckpt))
     trainer = build_trainer(cfg.trainer, run_dir)
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
@@ -292,14 +295,16 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
         "tokens_per_s": metrics.get("train/tokens_per_s", float("nan")),
         "steps": trainer.global_step,
     }
+    # Under FSDP the weights are shards: every rank takes part in the gather, rank 0 gets the model.
+    model = gather_model(trainer, module.model)
     if trainer.is_global_zero:
-        export_dir = save_export(module.model, run_dir / "export", tokenizer_json=data.tokenizer.hf.to_str(),
+        export_dir = save_export(model, run_dir / "export", tokenizer_json=data.tokenizer.hf.to_str(),
                                  extra={"data": data_cfg, "seq_len": int(cfg.seq_len), "steps": trainer.global_step,
                                         "val_loss": val_loss, "init_from": str(init_from) if init_from else None})
         print(f"\nval ppl {result['val_ppl']:.2f} (unigram {unigram.perplexity:.1f}), "
               f"{result['val_bits_per_byte']:.3f} bits/byte, after {trainer.global_step} steps in {elapsed:.0f} s")
         print(f"export: {export_dir}   checkpoints: {run_dir / 'checkpoints'}")
-        print_samples(module.model, data, cfg.samples)
+        print_samples(model, data, cfg.samples)
     return result
 
 
