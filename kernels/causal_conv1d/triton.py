@@ -7,10 +7,17 @@ Semantics are those of ``reference.py``; shapes:
     bias          [D] or None
     initial_state [B, D, W-1] (or [S, D, W-1] with cu_seqlens)
     cu_seqlens    int [S+1], with B == 1: S sequences packed along L
-    returns y [B, D, L] (x's dtype) and, when asked, the final state [B or S, D, W-1] (float32, or
-    float64 for float64 inputs).
+    returns y [B, D, L] (x's dtype; channel-last when x is, so a layer's transposes cost no copy) and,
+    when asked, the final state [B or S, D, W-1] (float32, or float64 for float64 inputs).
 
-Layout of the work. Every position p of x belongs to one sequence s with bounds [start, end): for a
+Two sets of kernels. Without packed sequences and without an initial state (a model's training path)
+the "column" kernels run (``_conv_fwd_cols_kernel`` / ``_conv_bwd_cols_kernel``, see the section below):
+positions go in groups of 8 held in registers, so every shift along the length is a compile-time pick
+of a register, for a contiguous length axis and for channel-last x alike. Everything else (initial
+states, ``cu_seqlens``, a length and a channel axis that are both strided) runs the general kernels
+described next.
+
+Layout of the work (general kernels). Every position p of x belongs to one sequence s with bounds [start, end): for a
 plain batch s = b, start = 0, end = L; for packed sequences s, start, end come from ``cu_seqlens``
 through a per-position sequence index. The "padded" input of a sequence reads x inside [start, end)
 and the initial state at the W-1 positions before start (zeros without one), so
@@ -314,6 +321,218 @@ def _conv_step_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# The "column" kernels: no packed sequences and no initial state (a model's training path).
+#
+# The positions are taken in groups of 8: a tile is J groups of BLOCK_D channels, held as 8 "columns"
+# [BLOCK_D, J] (column i holds position 8 g + i of every group g). Shifting along the length is then a
+# choice of column (and of the neighbouring group's columns at the edges), made at compile time: no
+# misaligned loads and no data exchange between threads. With a contiguous length axis a group's 8
+# positions are one 16-byte load per thread that ``tl.split`` takes apart in registers; with
+# channel-last x each column is one coalesced load along the channels.
+
+
+@triton.jit
+def _split8(x):
+    """[BLOCK_D, J, 8] -> the 8 columns [BLOCK_D, J] (register picks: the last axis is in the thread)."""
+    D0: tl.constexpr = x.shape[0]
+    J: tl.constexpr = x.shape[1]
+    even, odd = tl.split(tl.reshape(x, (D0, J, 4, 2)))      # positions 0 2 4 6 / 1 3 5 7
+    e0, e1 = tl.split(tl.reshape(even, (D0, J, 2, 2)))      # 0 4 / 2 6
+    o0, o1 = tl.split(tl.reshape(odd, (D0, J, 2, 2)))       # 1 5 / 3 7
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    return (c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@triton.jit
+def _join8(c):
+    """The inverse of _split8: 8 columns [BLOCK_D, J] -> [BLOCK_D, J, 8]."""
+    D0: tl.constexpr = c[0].shape[0]
+    J: tl.constexpr = c[0].shape[1]
+    even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), (D0, J, 4))
+    odd = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), (D0, J, 4))
+    return tl.reshape(tl.join(even, odd), (D0, J, 8))
+
+
+@triton.jit
+def _load_group(ptr, offs_d, mask_d, grp, L, stride_d, stride_l, CHANNEL_LAST: tl.constexpr, ACC: tl.constexpr):
+    """ptr[d, 8 g + i] for the J groups g of ``grp`` (int64 [J]) as 8 columns [BLOCK_D, J] in ACC, 0 outside
+    [0, L) (a missing initial state reads as zeros)."""
+    if CHANNEL_LAST:
+        cols = ()
+        for i in tl.static_range(8):
+            pos = grp * 8 + i
+            mask = mask_d[:, None] & ((pos >= 0) & (pos < L))[None, :]
+            cols = cols + (tl.load(ptr + offs_d[:, None] * stride_d + pos[None, :] * stride_l, mask=mask,
+                                   other=0.0).to(ACC),)
+    else:
+        pos = grp[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        mask = mask_d[:, None, None] & (pos >= 0) & (pos < L)
+        cols = _split8(tl.load(ptr + offs_d[:, None, None] * stride_d + pos * stride_l, mask=mask,
+                               other=0.0).to(ACC))
+    return cols
+
+
+@triton.jit
+def _store_group(ptr, cols, offs_d, mask_d, grp, L, stride_d, stride_l, CHANNEL_LAST: tl.constexpr):
+    if CHANNEL_LAST:
+        for i in tl.static_range(8):
+            pos = grp * 8 + i
+            tl.store(ptr + offs_d[:, None] * stride_d + pos[None, :] * stride_l,
+                     cols[i].to(ptr.dtype.element_ty), mask=mask_d[:, None] & (pos < L)[None, :])
+    else:
+        pos = grp[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        tl.store(ptr + offs_d[:, None, None] * stride_d + pos * stride_l, _join8(cols).to(ptr.dtype.element_ty),
+                 mask=mask_d[:, None, None] & (pos < L))
+
+
+@triton.jit
+def _pick(prv, cur, nxt, m: tl.constexpr):
+    """The column of relative position m in [-8, 16) (m < 0: the group before, m >= 8: the group after)."""
+    if m < 0:
+        col = prv[m + 8]
+    elif m < 8:
+        col = cur[m]
+    else:
+        col = nxt[m - 8]
+    return col
+
+
+@triton.jit
+def _weights(w_ptr, offs_d, mask_d, stride_wd, stride_wk, W: tl.constexpr, ACC: tl.constexpr):
+    ws = ()
+    for k in tl.static_range(W):
+        ws = ws + (tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask_d, other=0.0).to(ACC),)
+    return ws
+
+
+@triton.jit
+def _conv_fwd_cols_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    D, L,
+    stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_yb, stride_yd, stride_yl,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHANNEL_LAST: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, J: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    grp = tl.program_id(0).to(tl.int64) * J + tl.arange(0, J)
+    x_ptr += batch * stride_xb
+    cur = _load_group(x_ptr, offs_d, mask_d, grp, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+    prv = _load_group(x_ptr, offs_d, mask_d, grp - 1, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+    ws = _weights(w_ptr, offs_d, mask_d, stride_wd, stride_wk, W, ACC)
+    bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    out = ()
+    for i in tl.static_range(8):
+        acc = tl.zeros((BLOCK_D, J), dtype=ACC) + bias[:, None]
+        for k in tl.static_range(W):
+            acc += ws[k][:, None] * _pick(prv, cur, cur, i - (W - 1) + k)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        out = out + (acc,)
+    _store_group(y_ptr + batch * stride_yb, out, offs_d, mask_d, grp, L, stride_yd, stride_yl, CHANNEL_LAST)
+
+
+@triton.jit
+def _conv_bwd_cols_kernel(
+    x_ptr, w_ptr, b_ptr, dy_ptr, dfinal_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    D, L, n_chunks,
+    stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_dyb, stride_dyd, stride_dyl,
+    stride_fb, stride_fd, stride_fk, stride_dxb, stride_dxd, stride_dxl,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, J: tl.constexpr,
+    BLOCK_W: tl.constexpr, CHUNK_ITERS: tl.constexpr, SUM_EACH_TILE: tl.constexpr,
+):
+    """dx for CHUNK_ITERS tiles of 8 J positions, and their partial dweight / dbias (row
+    batch * n_chunks + chunk of the partial buffers, summed afterwards). The gradient before the
+    activation, dpre, is needed at the tile's positions and the W-1 after them; dx_t = sum_k w_k
+    dpre_{t+W-1-k}, dw_k = sum_t dpre_t x_{t-(W-1)+k}."""
+    pid_c = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    x_ptr += batch * stride_xb
+    dy_ptr += batch * stride_dyb
+    dx_ptr += batch * stride_dxb
+    ws = _weights(w_ptr, offs_d, mask_d, stride_wd, stride_wk, W, ACC)
+    bias = tl.zeros((BLOCK_D,), dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(ACC)
+    # dweight / dbias: partial sums [BLOCK_D, J] (one per tap, and dbias last) summed over the groups
+    # once at the end (SUM_EACH_TILE=False), or summed over the groups every tile into [BLOCK_D, W]
+    # (that sum crosses warps: shared memory and a barrier per tap and tile).
+    parts = ()
+    for k in tl.static_range(W + 1):
+        parts = parts + (tl.zeros((BLOCK_D, J), dtype=ACC),)
+    taps = tl.arange(0, BLOCK_W)
+    dw_acc = tl.zeros((BLOCK_D, BLOCK_W), dtype=ACC)
+    db_acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for it in range(CHUNK_ITERS):
+        grp = (tl.cast(pid_c, tl.int64) * CHUNK_ITERS + it) * J + tl.arange(0, J)
+        prv = _load_group(x_ptr, offs_d, mask_d, grp - 1, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+        cur = _load_group(x_ptr, offs_d, mask_d, grp, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+        nxt = _load_group(x_ptr, offs_d, mask_d, grp + 1, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+        dyc = _load_group(dy_ptr, offs_d, mask_d, grp, L, stride_dyd, stride_dyl, CHANNEL_LAST, ACC)
+        dyn = _load_group(dy_ptr, offs_d, mask_d, grp + 1, L, stride_dyd, stride_dyl, CHANNEL_LAST, ACC)
+        # dpre at relative positions 0 .. 8 + W - 2 (0 past L: dy reads 0 there)
+        dpre = ()
+        for i in tl.static_range(8 + W - 1):
+            g = _pick(dyc, dyc, dyn, i)
+            if SILU:
+                pre = tl.zeros((BLOCK_D, J), dtype=ACC) + bias[:, None]
+                for k in tl.static_range(W):
+                    pre += ws[k][:, None] * _pick(prv, cur, nxt, i - (W - 1) + k)
+                sig = tl.sigmoid(pre)
+                g = g * sig * (1.0 + pre * (1.0 - sig))
+            dpre = dpre + (g,)
+        dx = ()
+        for i in tl.static_range(8):
+            acc = tl.zeros((BLOCK_D, J), dtype=ACC)
+            for k in tl.static_range(W):
+                acc += ws[k][:, None] * dpre[i + (W - 1) - k]
+            if HAS_DFINAL:
+                # the final state holds x at the last W-1 positions: its gradient flows straight back
+                fj = grp * 8 + i - (L - (W - 1))
+                acc += tl.load(dfinal_ptr + batch * stride_fb + offs_d[:, None] * stride_fd + fj[None, :] * stride_fk,
+                               mask=mask_d[:, None] & ((fj >= 0) & (fj < W - 1))[None, :], other=0.0).to(ACC)
+            dx = dx + (acc,)
+        _store_group(dx_ptr, dx, offs_d, mask_d, grp, L, stride_dxd, stride_dxl, CHANNEL_LAST)
+        new_parts = ()
+        for k in tl.static_range(W):
+            part = parts[k]
+            if SUM_EACH_TILE:
+                part = tl.zeros((BLOCK_D, J), dtype=ACC)
+            for i in tl.static_range(8):
+                part += dpre[i] * _pick(prv, cur, nxt, i - (W - 1) + k)
+            if SUM_EACH_TILE:
+                dw_acc += tl.where(taps[None, :] == k, tl.sum(part, axis=1)[:, None], 0.0)
+            new_parts = new_parts + (part,)
+        dsum = parts[W]
+        if SUM_EACH_TILE:
+            dsum = tl.zeros((BLOCK_D, J), dtype=ACC)
+        if HAS_BIAS:
+            for i in tl.static_range(8):
+                dsum += dpre[i]
+            if SUM_EACH_TILE:
+                db_acc += tl.sum(dsum, axis=1)
+        parts = new_parts + (dsum,)
+    if not SUM_EACH_TILE:
+        for k in tl.static_range(W):
+            dw_acc += tl.where(taps[None, :] == k, tl.sum(parts[k], axis=1)[:, None], 0.0)
+        db_acc = tl.sum(parts[W], axis=1)
+    row = batch * n_chunks + pid_c
+    tl.store(dw_part_ptr + row * D * W + offs_d[:, None] * W + taps[None, :], dw_acc,
+             mask=mask_d[:, None] & (taps[None, :] < W))
+    if HAS_BIAS:
+        tl.store(db_part_ptr + row * D + offs_d, db_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch helpers
 
 
@@ -332,6 +551,49 @@ def _tiles(x: torch.Tensor) -> tuple[int, int, int]:
     if x.stride(1) == 1 and x.stride(2) != 1:
         return 64, min(32, max(16, triton.next_power_of_2(L))), 4
     return 32, min(128, max(16, triton.next_power_of_2(L))), 4
+
+
+# Tiles of the column kernels, (BLOCK_D channels, J groups of 8 positions, warps), per direction and
+# layout ("l": contiguous length axis, "cl": channel-last x); "bwd_sum": where the backward sums its
+# dweight / dbias partials over the groups ("end": once per program; "tile": every tile). Chosen by
+# timing on an H100 (docs/kernels/causal_conv1d.md); a benchmark may override them.
+COL_TILES = {"fwd_l": (16, 16, 4), "fwd_cl": (32, 8, 2), "bwd_l": (16, 16, 4), "bwd_cl": (64, 4, 4),
+             "bwd_sum": "end"}
+
+
+def _channel_last(x: torch.Tensor) -> bool:
+    """Whether [B, D, L] x is the channel-last view of a [B, L, D] tensor (its channels contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1 and x.stride(2) != 1
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized [B, D, L] tensor in x's layout: channel-last when x is (a layer's
+    ``.transpose(1, 2)`` back to [B, L, D] is then free), else contiguous."""
+    batch, dim, length = x.shape
+    if _channel_last(x):
+        return torch.empty(batch, length, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
+
+
+def _column_form(x: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> str | None:
+    """Which column kernel serves this call ("l" / "cl"), or None for the general kernels (packed
+    sequences, an initial state, or a length axis and a channel axis that are both strided)."""
+    if initial_state is not None or cu_seqlens is not None:
+        return None
+    if _channel_last(x):
+        return "cl"
+    if x.stride(2) == 1 or x.shape[2] == 1:
+        return "l"
+    return None
+
+
+def _chunking(n_lblocks: int, batch: int, n_dblocks: int, device: torch.device) -> tuple[int, int]:
+    """(chunk_iters, n_chunks): enough programs to fill the GPU (about 8 per SM); the rest of the length
+    is looped over inside a program, which keeps the partial-sum rows (and their reduction) small.
+    chunk_iters is a power of two (a compile-time constant: few variants get compiled)."""
+    want_chunks = max(1, (8 * _num_sms(device)) // max(1, batch * n_dblocks))
+    chunk_iters = triton.next_power_of_2(triton.cdiv(n_lblocks, min(n_lblocks, want_chunks)))
+    return chunk_iters, triton.cdiv(n_lblocks, chunk_iters)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -392,14 +654,24 @@ def causal_conv1d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
     initial_state: torch.Tensor | None, return_final_state: bool, cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y [B, D, L] in x's dtype, final state [B or S, D, W-1] fp32, or an empty tensor)."""
+    """Returns (y [B, D, L] in x's dtype and layout, final state [B or S, D, W-1] fp32, or an empty
+    tensor)."""
     batch, dim, L = x.shape
     width = weight.shape[1]
-    y = torch.empty_like(x)
-    seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
-    block_d, block_l, warps = _tiles(x)
+    y = _new_like(x)
     acc = _acc(x.dtype)
-    if x.numel() > 0:
+    form = _column_form(x, initial_state, cu_seqlens)
+    if x.numel() > 0 and form is not None:
+        block_d, groups, warps = COL_TILES["fwd_" + form]
+        grid = (triton.cdiv(L, 8 * groups), batch, triton.cdiv(dim, block_d))
+        _conv_fwd_cols_kernel[grid](
+            x, weight, bias, y, dim, L, *x.stride(), *weight.stride(), *y.stride(),
+            W=width, HAS_BIAS=bias is not None, SILU=silu, CHANNEL_LAST=form == "cl", ACC=acc,
+            BLOCK_D=block_d, J=groups, num_warps=warps,
+        )
+    elif x.numel() > 0:
+        seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
+        block_d, block_l, warps = _tiles(x)
         grid = (triton.cdiv(L, block_l), batch, triton.cdiv(dim, block_d))
         _conv_fwd_kernel[grid](
             x, weight, bias, initial_state, y, cu_seqlens, seqidx,
@@ -425,9 +697,9 @@ def causal_conv1d_fwd(
 def _(x, weight, bias, silu, initial_state, return_final_state, cu_seqlens):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if not return_final_state:
-        return torch.empty_like(x), x.new_empty(0, dtype=dtype)
+        return _new_like(x), x.new_empty(0, dtype=dtype)
     rows = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(x), x.new_empty(rows, x.shape[1], weight.shape[1] - 1, dtype=dtype)
+    return _new_like(x), x.new_empty(rows, x.shape[1], weight.shape[1] - 1, dtype=dtype)
 
 
 @torch.library.custom_op("ssm_suite::causal_conv1d_bwd", mutates_args=())
@@ -436,34 +708,43 @@ def causal_conv1d_bwd(
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, dy: torch.Tensor,
     dfinal: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx, dweight, dbias or empty, dinitial_state or empty)."""
+    """Returns (dx in x's layout, dweight, dbias or empty, dinitial_state or empty)."""
     batch, dim, L = x.shape
     width = weight.shape[1]
     acc_dtype = _state_dtype(x.dtype)
-    dx = torch.empty_like(x)
-    seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
-    block_d, block_l, warps = _tiles(x)
+    dx = _new_like(x)
+    form = _column_form(x, initial_state, cu_seqlens)
+    if form is not None:
+        block_d, groups, warps = COL_TILES["bwd_" + form]
+        block_l = 8 * groups
+    else:
+        block_d, block_l, warps = _tiles(x)
     n_dblocks = triton.cdiv(dim, block_d)
-    n_lblocks = max(1, triton.cdiv(L, block_l))
-    # Enough programs to fill the GPU (about 8 per SM); the rest of the length is looped over
-    # inside a program, which keeps the partial-sum rows (and their reduction) small.
-    want_chunks = max(1, (8 * _num_sms(x.device)) // max(1, batch * n_dblocks))
-    # A power of two (it is a compile-time constant: few variants get compiled).
-    chunk_iters = triton.next_power_of_2(triton.cdiv(n_lblocks, min(n_lblocks, want_chunks)))
-    n_chunks = triton.cdiv(n_lblocks, chunk_iters)
+    chunk_iters, n_chunks = _chunking(max(1, triton.cdiv(L, block_l)), batch, n_dblocks, x.device)
     dw_part = torch.empty(batch * n_chunks, dim, width, device=x.device, dtype=acc_dtype)
     db_part = torch.empty(batch * n_chunks, dim, device=x.device, dtype=acc_dtype) if bias is not None else None
     common = dict(W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
                   HAS_DFINAL=dfinal is not None, IS_VARLEN=cu_seqlens is not None, SILU=silu,
                   ACC=_acc(x.dtype))
     if x.numel() > 0:
-        _conv_bwd_kernel[(n_chunks, batch, n_dblocks)](
-            x, weight, bias, initial_state, dy, dfinal, dx, dw_part, db_part, cu_seqlens, seqidx,
-            dim, L, n_chunks, *x.stride(), *weight.stride(), *_strides3(initial_state), *dy.stride(),
-            *_strides3(dfinal), *dx.stride(),
-            BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(width),
-            CHUNK_ITERS=chunk_iters, num_warps=warps, **common,
-        )
+        if form is not None:
+            _conv_bwd_cols_kernel[(n_chunks, batch, n_dblocks)](
+                x, weight, bias, dy, dfinal, dx, dw_part, db_part, dim, L, n_chunks,
+                *x.stride(), *weight.stride(), *dy.stride(), *_strides3(dfinal), *dx.stride(),
+                W=width, HAS_BIAS=bias is not None, HAS_DFINAL=dfinal is not None, SILU=silu,
+                CHANNEL_LAST=form == "cl", ACC=_acc(x.dtype), BLOCK_D=block_d, J=groups,
+                BLOCK_W=triton.next_power_of_2(width), CHUNK_ITERS=chunk_iters,
+                SUM_EACH_TILE=COL_TILES["bwd_sum"] == "tile", num_warps=warps,
+            )
+        else:
+            seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
+            _conv_bwd_kernel[(n_chunks, batch, n_dblocks)](
+                x, weight, bias, initial_state, dy, dfinal, dx, dw_part, db_part, cu_seqlens, seqidx,
+                dim, L, n_chunks, *x.stride(), *weight.stride(), *_strides3(initial_state), *dy.stride(),
+                *_strides3(dfinal), *dx.stride(),
+                BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(width),
+                CHUNK_ITERS=chunk_iters, num_warps=warps, **common,
+            )
         dweight = dw_part.sum(0).to(weight.dtype)
         dbias = db_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     else:
@@ -482,7 +763,7 @@ def causal_conv1d_bwd(
 
 @causal_conv1d_bwd.register_fake
 def _(x, weight, bias, silu, initial_state, cu_seqlens, dy, dfinal):
-    return (torch.empty_like(x), torch.empty_like(weight),
+    return (_new_like(x), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else x.new_empty(0),
             torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0))
 

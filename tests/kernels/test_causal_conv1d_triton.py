@@ -53,6 +53,7 @@ def run_both(x, weight, bias, init, activation, cu_seqlens=None):
     grads_out = None
     for backend in ("triton", "reference"):
         leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, init)]
+        leaves[0] = x.detach().requires_grad_()  # x's own strides (clone makes a gapped view contiguous)
         if backend == "reference":
             leaves = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
         with forced_backend(backend, "causal_conv1d"):
@@ -161,6 +162,61 @@ def test_step_updates_state_in_place(width, dtype):
     assert rel(y, full[..., -1]) < (1e-12 if dtype == torch.float64 else 1e-2)
 
 
+@pytest.fixture
+def small_col_tiles(monkeypatch):
+    """Column kernels with 4 channels x 2 groups of 8 positions per program and a few programs per
+    "SM": several groups, channel blocks and length chunks (partial dweight rows) in small cases."""
+    for key in ("fwd_l", "fwd_cl", "bwd_l", "bwd_cl"):
+        monkeypatch.setitem(conv_triton.COL_TILES, key, (4, 2, 1))
+    monkeypatch.setattr(conv_triton, "_num_sms", lambda device: 2)
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x [B, D, L] re-laid: "l" contiguous, "cl" dense channel-last, "proj" the channel-last half of a
+    [B, L, 2D] buffer (a Mamba layer's conv input: neither dense nor contiguous)."""
+    if layout == "l":
+        return x.contiguous()
+    if layout == "cl":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    buf = torch.zeros(x.shape[0], x.shape[2], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    buf[..., : x.shape[1]] = x.transpose(1, 2)
+    return buf[..., : x.shape[1]].transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["l", "cl", "proj"])
+@pytest.mark.parametrize("width, L, activation", [(4, 37, "silu"), (2, 16, None), (8, 5, "silu"), (3, 1, None)])
+def test_column_kernels_match_reference(small_col_tiles, layout, width, L, activation):
+    # No initial state and no packed sequences: the column kernels (both layouts), with the final state
+    # and its gradient, ragged last groups, L < 8 and L < W-1.
+    x, weight, bias, _ = make(2, 6, L, width, torch.float64, states=0, bias=width != 2)
+    x = _layout(x, layout)
+    kind = conv_triton._column_form(x, None, None)
+    assert kind == ("cl" if layout != "l" and L > 1 else "l")
+    (ours, g_ours), (ref, g_ref) = run_both(x, weight, bias, None, activation)
+    for a, b in list(zip(ours, ref)) + list(zip(g_ours, g_ref)):
+        assert rel(a, b) < 1e-12
+    if kind == "cl":  # y and dx come back channel-last (the layer's transposes are free)
+        assert ours[0].stride(1) == 1 and g_ours[0].stride(1) == 1
+
+
+def test_column_kernels_dtypes_and_determinism(small_col_tiles):
+    x, weight, bias, _ = make(2, 10, 29, 4, torch.bfloat16, states=0)
+    x = _layout(x, "proj")
+    (ours, g_ours), (ref, g_ref) = run_both(x, weight, bias, None, "silu")
+    for a, b in list(zip(ours, ref)) + list(zip(g_ours, g_ref)):
+        assert rel(a, b) < TOL[torch.bfloat16]
+    # the same gradients again, bit for bit (partial dweight rows, no atomics)
+    leaves = [x.detach().requires_grad_(), weight.detach().clone().requires_grad_(),
+              bias.detach().clone().requires_grad_()]
+    with forced_backend("triton", "causal_conv1d"):
+        y, final = causal_conv1d(*leaves, "silu", None, True)
+    gen = torch.Generator().manual_seed(1)
+    grads_out = (torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y),
+                 torch.randn(final.shape, generator=gen, dtype=torch.float64).to(final))
+    again = torch.autograd.grad([y, final], leaves, grads_out)
+    assert all(torch.equal(a, b) for a, b in zip(g_ours, again))
+
+
 def test_errors_name_the_limit():
     x, weight, bias, _ = make(1, 3, 5, 9, torch.float32, states=0)
     with forced_backend("triton", "causal_conv1d"), pytest.raises(ValueError, match="width 9"):
@@ -178,6 +234,11 @@ def test_library_opcheck_and_fake():
     torch.library.opcheck(torch.ops.ssm_suite.causal_conv1d_fwd.default,
                           (x, weight, bias, True, init, True, None),
                           test_utils=("test_schema", "test_faketensor"))
+    # the column kernels, on a channel-last view: the fake impl's strides match the real output's
+    xv = x.transpose(1, 2).contiguous().transpose(1, 2)
+    for args in ((xv, weight, bias, True, None, True, None), (x, weight, None, False, None, False, None)):
+        torch.library.opcheck(torch.ops.ssm_suite.causal_conv1d_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
     state = torch.randn(2, 3, 3, device=DEVICE)
     torch.library.opcheck(torch.ops.ssm_suite.causal_conv1d_step.default,
                           (x[..., 0].contiguous(), state, weight, bias, False),

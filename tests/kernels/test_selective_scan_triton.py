@@ -67,9 +67,11 @@ def fast_interpreter_scan(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 4 channels x 8 positions: several tiles and channel blocks per case."""
-    monkeypatch.setitem(ss_triton.TILES, "fwd", (4, 8, 1))
+    """Tiles of 4 channels x 8 positions (4 in the forward) and checkpoints every 16 positions: several
+    tiles per checkpoint chunk, several chunks and channel blocks per case."""
+    monkeypatch.setitem(ss_triton.TILES, "fwd", (4, 4, 1))
     monkeypatch.setitem(ss_triton.TILES, "bwd", (4, 8, 1))
+    monkeypatch.setitem(ss_triton.TILES, "chunk", 16)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,12 +97,12 @@ def make(batch, dim, L, dstate, dtype, *, groups_b=None, groups_c=None, D=True, 
             r(dim, scale=0.3) if bias else None, r(states, dim, dstate) if states else None]
 
 
-def run_both(inputs, softplus=True, cu_seqlens=None):
+def run_both(inputs, softplus=True, cu_seqlens=None, backends=("triton", "reference")):
     """Outputs (y, final state) and the gradients of every present input, for the triton op and for
     the float64 reference, under the same random output gradients."""
     gen = torch.Generator().manual_seed(1)
     results, grads_out = [], None
-    for backend in ("triton", "reference"):
+    for backend in backends:
         leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
         if backend == "reference":
             leaves = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
@@ -152,11 +154,12 @@ def test_grouped_and_mixed_bc(groups):
 
 
 def test_several_tiles_and_blocks_deterministic(small_tiles):
-    # N=16 (a full Mamba state), 3 channel blocks in each of 2 groups, 5 tiles with a ragged last one
-    inputs = make(2, 10, 35, 16, torch.float32, groups_b=2, groups_c=2, states=2)
+    # N=16 (a full Mamba state), 2 channel blocks in each of 2 groups, 7 forward / 4 backward tiles in 2
+    # checkpoint chunks, the last tile ragged
+    inputs = make(2, 10, 27, 16, torch.float32, groups_b=2, groups_c=2, states=2)
     first = run_both(inputs)
     assert_close(first, TOL[torch.float32])
-    again = run_both(inputs)
+    again = run_both(inputs, backends=("triton",))
     assert all(torch.equal(a, b) for a, b in zip(first[0][1], again[0][1]))
     assert all(torch.equal(a, b) for a, b in zip(first[0][0], again[0][0]))
 
@@ -190,6 +193,59 @@ def test_dtypes(dtype):
     assert y.dtype == dtype and final.dtype == torch.float32
     assert grads[0].dtype == dtype and grads[2].dtype == torch.float64  # du in u's dtype, dA in A's
     assert_close(results, TOL[dtype])
+
+
+def test_adversarial_decays_stay_finite_and_exact(small_tiles):
+    # dt = softplus(delta + bias) from ~1e-4 up to ~40 and |A| up to 30: exp(dt A) spans 1 down to an
+    # exact 0 (underflow), within a tile and across tile / chunk boundaries; nothing may overflow.
+    gen = torch.Generator().manual_seed(7)
+    inputs = make(2, 5, 41, 6, torch.float32, states=2, seed=7)
+    inputs[1] = (torch.randn(2, 5, 41, generator=gen, dtype=torch.float64) * 12.0).float().to(DEVICE)
+    inputs[2] = -(torch.rand(5, 6, generator=gen, dtype=torch.float64) * 30.0 + 1e-3).to(DEVICE)
+    results = run_both(inputs)
+    (y, final), grads = results[0]
+    assert all(bool(torch.isfinite(t).all()) for t in (y, final, *grads))
+    assert_close(results, TOL[torch.float32])
+
+
+def test_channel_last_views_keep_their_layout(small_tiles):
+    # A Mamba layer passes [B, L, D] tensors seen as [B, D, L] and B, C as slices of one projection:
+    # y and du / ddelta / dz come back channel-last, so the layer's transposes cost nothing.
+    batch, dim, L, dstate = 2, 6, 23, 3
+    gen = torch.Generator().manual_seed(5)
+
+    def bld(scale=1.0):
+        return (torch.randn(batch, L, dim, generator=gen, dtype=torch.float64) * scale).to(DEVICE).transpose(1, 2)
+
+    proj = torch.randn(batch, L, 4 + 2 * dstate, generator=gen, dtype=torch.float64).to(DEVICE)
+    inputs = [bld(), bld(0.5), -torch.rand(dim, dstate, generator=gen, dtype=torch.float64).to(DEVICE) - 0.1,
+              proj[..., 4:4 + dstate].transpose(1, 2), proj[..., 4 + dstate:].transpose(1, 2),
+              torch.randn(dim, generator=gen, dtype=torch.float64).to(DEVICE), bld(),
+              torch.randn(dim, generator=gen, dtype=torch.float64).to(DEVICE), None]
+    results = run_both(inputs)
+    assert_close(results, TOL[torch.float64])
+    (y, _), grads = results[0]
+    assert y.stride(1) == 1 and grads[0].stride(1) == 1 and grads[1].stride(1) == 1 and grads[6].stride(1) == 1
+
+
+@pytest.mark.parametrize("tiles", [
+    {"fwd": (8, 8, 1), "bwd": (2, 4, 1), "chunk": 8},   # one tile per chunk in the forward's save pass
+    {"fwd": (2, 16, 1), "bwd": (8, 2, 1), "chunk": 8},   # the forward's tile does not divide the chunk
+    {"fwd": (4, 4, 2), "bwd": (4, 4, 2), "chunk": 4},   # several warps, one tile per chunk
+])
+def test_tile_settings_agree(monkeypatch, tiles):
+    for key, value in tiles.items():
+        monkeypatch.setitem(ss_triton.TILES, key, value)
+    inputs = make(1, 9, 29, 5, torch.float64, groups_b=3, groups_c=3, states=1)
+    assert_close(run_both(inputs), TOL[torch.float64])
+
+
+def test_chunk_must_hold_whole_backward_tiles(monkeypatch):
+    monkeypatch.setitem(ss_triton.TILES, "bwd", (4, 8, 1))
+    monkeypatch.setitem(ss_triton.TILES, "chunk", 12)
+    u, delta, A, B, C, *_ = make(1, 2, 5, 2, torch.float32, D=False, z=False, bias=False)
+    with forced_backend("triton", "selective_scan"), pytest.raises(ValueError, match="multiple"):
+        selective_scan(u, delta, A, B, C)
 
 
 def test_length_one():
@@ -231,6 +287,11 @@ def test_library_opcheck_and_fake():
         torch.library.opcheck(torch.ops.ssm_suite.selective_scan_fwd.default,
                               (u, delta, A, B, C, D, z, bias, True, init, True, None, save),
                               test_utils=("test_schema", "test_faketensor"))
+    # channel-last u, delta, z: the fake impl gives the real (channel-last) output strides
+    cl = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, z)]
+    torch.library.opcheck(torch.ops.ssm_suite.selective_scan_fwd.default,
+                          (cl[0], cl[1], A, B, C, D, cl[2], bias, True, None, False, None, False),
+                          test_utils=("test_schema", "test_faketensor"))
     _, _, ckpt = ss_triton.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, init, True, None, True)
     torch.library.opcheck(torch.ops.ssm_suite.selective_scan_bwd.default,
                           (u, delta, A, B, C, D, z, bias, True, init, None, ckpt, torch.randn_like(u),
