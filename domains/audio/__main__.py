@@ -6,9 +6,13 @@ Commands (configs under ``configs/audio/``):
     eval      NLL in bits per sample of an export on a split, per context length
     generate  unconditional or prompted samples of an export, as WAV files
     metrics   FID / IS / mIS / AM of folders of WAVs from a digit classifier (data=digits)
+    sweep     a scaling sweep (sweep=<name>: configs/audio/sweep/), one train run a point, as a Hydra multirun
+    sweep report (or sweep-report)  the sweep's table, power-law fits and plots
 """
 
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,11 +49,26 @@ def _metrics(cfg: DictConfig) -> None:
     metrics(cfg)
 
 
-COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "generate": _generate, "metrics": _metrics}
+def _sweep(cfg: DictConfig) -> None:
+    from domains.audio.sweep import sweep
+
+    sweep(cfg)
 
 
-def main() -> None:
-    run_command("audio", COMMANDS)
+def _sweep_report(cfg: DictConfig) -> None:
+    from domains.audio.sweep import sweep_report
+
+    sweep_report(cfg)
+
+
+COMMANDS = {"prepare": _prepare, "train": _train, "eval": _eval, "generate": _generate, "metrics": _metrics,
+            "sweep": _sweep, "sweep-report": _sweep_report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from core.sweep import sweep_argv
+
+    run_command("audio", COMMANDS, sweep_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

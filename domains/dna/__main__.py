@@ -5,9 +5,13 @@ Commands (configs under ``configs/dna/``):
     pretrain   next-base prediction; exports the model with its tokenizer and data settings
     eval       bits per base and perplexity of an export on a split, and perplexity against context
     finetune   window classification: task=species (4 apes) or task=coding (U. maydis CDS vs intergenic)
+    sweep      a scaling sweep (sweep=<name>: configs/dna/sweep/), one pretrain run a point, as a Hydra multirun
+    sweep report (or sweep-report)  the sweep's table, power-law fits and plots
 """
 
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,11 +45,26 @@ def _finetune(cfg: DictConfig) -> None:
     finetune(cfg)
 
 
-COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "eval": _eval, "finetune": _finetune}
+def _sweep(cfg: DictConfig) -> None:
+    from domains.dna.sweep import sweep
+
+    sweep(cfg)
 
 
-def main() -> None:
-    run_command("dna", COMMANDS)
+def _sweep_report(cfg: DictConfig) -> None:
+    from domains.dna.sweep import sweep_report
+
+    sweep_report(cfg)
+
+
+COMMANDS = {"prepare": _prepare, "pretrain": _pretrain, "eval": _eval, "finetune": _finetune, "sweep": _sweep,
+            "sweep-report": _sweep_report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from core.sweep import sweep_argv
+
+    run_command("dna", COMMANDS, sweep_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ Commands (configs under ``configs/lm/``):
     generate  sample continuations of prompts from an export
     task      train a model on a synthetic recall task and print its accuracy per setting
     probe     long-context probes of an export (needle in a haystack, variable tracking, ppl by position)
+    sweep     a scaling-law sweep (sweep=<name>: configs/lm/sweep/), one train run a point, as a Hydra multirun
+    sweep report (or sweep-report)  the sweep's table, power-law fits and plots
 """
 
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig
 
@@ -55,12 +59,26 @@ def _probe(cfg: DictConfig) -> None:
     run_probe(cfg)
 
 
+def _sweep(cfg: DictConfig) -> None:
+    from domains.lm.sweep import sweep
+
+    sweep(cfg)
+
+
+def _sweep_report(cfg: DictConfig) -> None:
+    from domains.lm.sweep import sweep_report
+
+    sweep_report(cfg)
+
+
 COMMANDS = {"train": _train, "prepare": _prepare, "eval": _eval, "generate": _generate, "task": _task,
-            "probe": _probe}
+            "probe": _probe, "sweep": _sweep, "sweep-report": _sweep_report}
 
 
-def main() -> None:
-    run_command("lm", COMMANDS)
+def main(argv: list[str] | None = None) -> None:
+    from core.sweep import sweep_argv
+
+    run_command("lm", COMMANDS, sweep_argv(sys.argv if argv is None else argv))
 
 
 if __name__ == "__main__":
