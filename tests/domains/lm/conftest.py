@@ -55,3 +55,20 @@ def text_corpus(tmp_path: Path, make_text):
         path.write_text(text, encoding="utf-8")
         texts[str(path.absolute())] = text
     return root, texts
+
+
+_SENTENCE_WORDS = ("the model reads a long sequence of tokens and the state keeps what matters while the "
+                   "scan runs in linear time over every position of the input").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 12 small text files of random sentences (a corpus the CLI tests train on)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(12):
+        sentences = [" ".join(rng.choice(_SENTENCE_WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(40)]
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return folder
+

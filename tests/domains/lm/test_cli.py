@@ -3,35 +3,18 @@ generate, and the errors a user meets first (config typos, unknown presets, miss
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 import domains.lm.train as train_module
 from core.cli import CONFIG_ROOT
 from domains.lm.evaluate import evaluate
 from domains.lm.sample import sample
-
-WORDS = ("the model reads a long sequence of tokens and the state keeps what matters while the "
-         "scan runs in linear time over every position of the input").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(12):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(40)]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
-    return folder
-
 
 def lm_config(command: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_ROOT / "lm"), version_base="1.3"):

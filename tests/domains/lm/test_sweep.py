@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -25,21 +24,6 @@ from core.presets import get_preset
 from core.sweep import ResultsTable, derive_model
 from domains.lm.__main__ import main
 from domains.lm.data import prepare
-
-WORDS = ("the model reads a long sequence of tokens and the state keeps what matters while the "
-         "scan runs in linear time over every position of the input").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(12):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(40)]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
-    return folder
-
 
 def overrides(corpus: Path, tmp: Path, families: str, sizes: str) -> list[str]:
     return ["sweep=cpu", "data=files", f"data.paths=[{corpus}]", "data.vocab_size=300", "data.workers=1",
