@@ -34,7 +34,7 @@ def run_cli(monkeypatch, *args: str) -> None:
 def test_context_sweep(audio_cache: Path, tmp_path: Path, monkeypatch, capsys):
     run_cli(monkeypatch, "sweep", "context-cpu", *TINY_DIGITS, f"data.cache_dir={audio_cache}",
             f"sweep.dir={tmp_path / 'sweep'}", "point.family=mamba,s4d", "seq_len=64,128", "point.size=20K",
-            "sweep.tokens.value=512", "sweep.tokens_per_batch=256", "sweep.eval.clips=2",
+            "sweep.tokens.value=512", "sweep.tokens_per_batch=256", "sweep.eval.clips=1", "sweep.eval.batch_size=256",
             "trainer.log_every_n_steps=1")
     records = ResultsTable(tmp_path / "sweep").records()
     assert sorted((r["family"], r["seq_len"], r["batch_size"]) for r in records) == [
@@ -45,23 +45,18 @@ def test_context_sweep(audio_cache: Path, tmp_path: Path, monkeypatch, capsys):
         assert r["params_total"] == built == parameter_counts(meta["spec"], 256)["total"]
         assert abs(math.log(r["params_non_embedding"] / 20_000)) < math.log(1.6) and r["tokens"] == 512
         assert r["flops"] == pytest.approx(flops_per_sample(meta["spec"], 256, r["seq_len"], r["batch_size"]) * 512)
-        # The eval loss by hand: the first 2 validation clips, whole, in windows of the context.
+        # The eval loss by hand: the first validation clip, whole, in windows of the context.
         data = prepare({**meta["extra"]["data"], "cache_dir": str(audio_cache)})
         data.manifest["scale"] = meta["audio"]["scale"]
         windows = Windows(data, "val", r["seq_len"], Quantization("mu-law", 8))
-        total, count = 0.0, 0
+        items = [windows[i] for i, (clip, _) in enumerate(windows.index) if clip == 0]
+        ids, labels = torch.stack([x["input_ids"] for x in items]), torch.stack([x["labels"] for x in items])
         with torch.no_grad():
-            for i, (clip, _) in enumerate(windows.index):
-                if clip >= 2:
-                    continue
-                item = windows[i]
-                mask = item["labels"] != -100
-                logits = model(item["input_ids"][None]).logits[0]
-                total += float(torch.nn.functional.cross_entropy(logits[mask], item["labels"][mask], reduction="sum"))
-                count += int(mask.sum())
-        frames = sum(entry["frames"] for entry in data.entries("val")[:2])
-        assert count == frames and r["eval_tokens"] == count and r["eval_clips"] == 2  # every sample once
-        assert r["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+            logits = model(ids).logits
+        mask = labels != -100
+        nll = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
+        assert int(mask.sum()) == data.entries("val")[0]["frames"] == r["eval_tokens"]  # every sample once
+        assert r["eval_clips"] == 1 and r["eval_loss"] == pytest.approx(float(nll), rel=1e-5)
         assert r["eval_bits_per_sample"] == pytest.approx(r["eval_loss"] / math.log(2))
     run_cli(monkeypatch, "sweep", "report", "context-cpu", f"sweep.dir={tmp_path / 'sweep'}")
     assert "eval_bits_per_sample" in capsys.readouterr().out
