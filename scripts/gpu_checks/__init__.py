@@ -13,8 +13,11 @@ The helpers below are shared by the modules (imports: torch and triton only).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -39,6 +42,54 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def time_ms(fn: Callable[[], object], smoke: bool = False) -> float:
+    """:func:`bench_ms`; under ``smoke`` (a CPU run through the Triton interpreter) one timed call, whose
+    number means nothing but runs the same code path."""
+    if not smoke:
+        return bench_ms(fn)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def graph_ms(fn: Callable[[], object], smoke: bool = False) -> float | None:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph: device time without the host's launch
+    overhead, a large share of a sub-millisecond kernel call. None under ``smoke`` and where the capture
+    fails (a benchmark column, not a check: some calls cannot be captured)."""
+    if smoke:
+        return None
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception:  # noqa: BLE001  (capture refused: the column stays empty)
+        return None
+
+
+@contextlib.contextmanager
+def compile_only_launches() -> Iterator[None]:
+    """Inside, every Triton kernel launch only compiles (same shapes, dtypes and options as the real call,
+    so the same specializations), in a pool of threads: running the real calls once inside compiles every
+    kernel a check or benchmark will launch, in parallel, instead of one after another on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__getitem__
+
+    def warmup_only(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.__getitem__ = warmup_only
+    try:
+        with AsyncCompileMode(ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)))):
+            yield
+    finally:
+        JITFunction.__getitem__ = original
+    torch.cuda.synchronize()
 
 
 def copy_bandwidth_gbps(device: torch.device | str = "cuda", nbytes: int = 1 << 30) -> float:

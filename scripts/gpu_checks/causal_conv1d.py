@@ -35,7 +35,16 @@ import torch  # noqa: E402
 from kernels.causal_conv1d import triton as ct  # noqa: E402
 from kernels.causal_conv1d.reference import causal_conv1d_reference, causal_conv1d_step_reference  # noqa: E402
 from kernels.causal_conv1d.triton import causal_conv1d_step_triton, causal_conv1d_triton  # noqa: E402
-from scripts.gpu_checks import bench_ms, check_row, fwd_bwd, max_rel, nbytes, rel  # noqa: E402
+from scripts.gpu_checks import (  # noqa: E402
+    check_row,
+    compile_only_launches,
+    fwd_bwd,
+    graph_ms,
+    max_rel,
+    nbytes,
+    rel,
+    time_ms,
+)
 
 DEV = "cuda"
 SMOKE = False  # --cpu-smoke: CPU tensors, tiny shapes, the interpreter
@@ -232,24 +241,11 @@ def run_checks() -> list[dict]:
 
 
 def _time_ms(fn) -> float:
-    if not SMOKE:
-        return bench_ms(fn)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return time_ms(fn, smoke=SMOKE)
 
 
 def _time_graph_ms(fn) -> float | None:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph: device time without the host's launch
-    overhead, which is a large share of a sub-millisecond fwd+bwd (None where the capture fails)."""
-    if SMOKE:
-        return None
-    try:
-        import triton.testing
-
-        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-    except Exception:
-        return None
+    return graph_ms(fn, smoke=SMOKE)
 
 
 def _with_tiles(tiles: dict | None, fn):
@@ -359,16 +355,7 @@ def run_bench(sweep: bool = False, verbose: bool = False) -> list[dict]:
 def precompile(sweep: bool, checks: bool = True) -> float:
     """Compile the column and general kernels the checks and benchmarks launch, in parallel threads
     (every launch inside becomes a compile-only warm-up with the real shapes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from triton.runtime._async_compile import AsyncCompileMode
-    from triton.runtime.jit import JITFunction
-
     start = time.time()
-    original = JITFunction.__getitem__
-
-    def warmup_only(self, grid):
-        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=True, **kwargs)
 
     def both(x, weight, bias, init, silu=True, cu=None):
         y, final = ct.causal_conv1d_fwd(x, weight, bias, silu, init, True, cu)
@@ -394,16 +381,11 @@ def precompile(sweep: bool, checks: bool = True) -> float:
         both(*_make(1, _shape("varlen_dim"), int(cu[-1]), 4, torch.float16, states=len(VARLEN_LENGTHS)), cu=cu)
         both(*_make(*small, 3, torch.float32, states=small[0], bias=False), silu=False)
 
-    JITFunction.__getitem__ = warmup_only
-    try:
-        with AsyncCompileMode(ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)))):
-            calls(only_bench=not checks)
-            if sweep:
-                for tiles in SWEEP:
-                    _with_tiles({k: v for k, v in tiles.items() if k != "cl"}, lambda: calls(only_bench=True))
-    finally:
-        JITFunction.__getitem__ = original
-    torch.cuda.synchronize()
+    with compile_only_launches():
+        calls(only_bench=not checks)
+        if sweep:
+            for tiles in SWEEP:
+                _with_tiles({k: v for k, v in tiles.items() if k != "cl"}, lambda: calls(only_bench=True))
     return time.time() - start
 
 

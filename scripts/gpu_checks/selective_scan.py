@@ -42,7 +42,16 @@ import torch  # noqa: E402
 
 from kernels.selective_scan import triton as sst  # noqa: E402
 from kernels.selective_scan.reference import selective_scan_reference, selective_scan_step_reference  # noqa: E402
-from scripts.gpu_checks import bench_ms, check_row, fwd_bwd, max_rel, nbytes, rel  # noqa: E402
+from scripts.gpu_checks import (  # noqa: E402
+    check_row,
+    compile_only_launches,
+    fwd_bwd,
+    graph_ms,
+    max_rel,
+    nbytes,
+    rel,
+    time_ms,
+)
 
 DEV = "cuda"
 SMOKE = False  # --cpu-smoke: CPU tensors, tiny shapes, the interpreter
@@ -386,25 +395,11 @@ def _bench_row(kernel, inputs, scan_fn, tiles=None, reference=None, graphs=False
 
 
 def _time_ms(fn) -> float:
-    """Median CUDA-event milliseconds; under --cpu-smoke one timed call (the numbers mean nothing there)."""
-    if not SMOKE:
-        return bench_ms(fn)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    return time_ms(fn, smoke=SMOKE)
 
 
 def _time_graph_ms(fn) -> float | None:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph: device time without the host's launch
-    overhead (None where the capture fails, and under --cpu-smoke)."""
-    if SMOKE:
-        return None
-    try:
-        import triton.testing
-
-        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-    except Exception:
-        return None
+    return graph_ms(fn, smoke=SMOKE)
 
 
 def _deadline_passed(deadline: float | None) -> bool:
@@ -469,16 +464,7 @@ def precompile(sweep: bool, checks: bool = True) -> float:
     """Compile the kernels the checks and benchmarks will launch, in parallel threads: every launch
     inside becomes a compile-only warm-up (same shapes, dtypes and options as the real calls, so the
     same specializations). Returns the seconds spent."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from triton.runtime._async_compile import AsyncCompileMode
-    from triton.runtime.jit import JITFunction
-
     start = time.time()
-    original = JITFunction.__getitem__
-
-    def warmup_only(self, grid):
-        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=True, **kwargs)
 
     def calls(tiles=None, only_bench=False, channel_last=False):
         def go():
@@ -513,16 +499,11 @@ def precompile(sweep: bool, checks: bool = True) -> float:
             both(_make(*_shape("bench"), torch.bfloat16, states=_shape("bench")[0]))
         return lambda: _with_tiles(tiles, go)
 
-    JITFunction.__getitem__ = warmup_only
-    try:
-        with AsyncCompileMode(ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 2)))):
-            calls(only_bench=not checks)()
-            if sweep:
-                for tiles, layout in SWEEP:
-                    calls(tiles, only_bench=True, channel_last=layout == "cl")()
-    finally:
-        JITFunction.__getitem__ = original
-    torch.cuda.synchronize()
+    with compile_only_launches():
+        calls(only_bench=not checks)()
+        if sweep:
+            for tiles, layout in SWEEP:
+                calls(tiles, only_bench=True, channel_last=layout == "cl")()
     return time.time() - start
 
 
