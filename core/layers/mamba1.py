@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import ConvSSMCache, decode_memo
+from core.cache import ConvSSMCache
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
-from core.layers.short_conv import masked_short_conv
+from core.layers.short_conv import masked_short_conv, ssm_A
 from kernels.selective_scan import selective_scan, selective_scan_step
 
 
@@ -103,17 +103,6 @@ class Mamba1(nn.Module):
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
         )
 
-    def _A(self) -> torch.Tensor:
-        """A = -exp(A_log) in float32 (float64 stays); without autograd (generation) computed once and
-        reused until A_log changes, so a decoding step (or its CUDA graph) does not recompute it."""
-        if torch.is_grad_enabled():
-            return self._compute_A()
-        return decode_memo(self, "A", [self.A_log], self._compute_A)
-
-    def _compute_A(self) -> torch.Tensor:
-        A_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
-        return -torch.exp(A_log)
-
     def forward(self, x: torch.Tensor, cache: ConvSSMCache | None = None,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, d_model]; cache: continue from it and leave the state after x in it (L == 1 is a
@@ -140,7 +129,7 @@ class Mamba1(nn.Module):
         if self.config.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # [B, L, d_inner]; the bias goes in as the scan's delta_bias
-        A = self._A()
+        A = ssm_A(self)
 
         if step:
             y = selective_scan_step(cache.ssm_state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D,

@@ -19,10 +19,10 @@ import math
 import torch
 from torch import nn
 
-from core.cache import ConvSSMCache, decode_memo
+from core.cache import ConvSSMCache
 from core.config import Mamba2Config
 from core.layers.norm import GatedRMSNorm
-from core.layers.short_conv import masked_short_conv
+from core.layers.short_conv import masked_short_conv, ssm_A
 from kernels.ssd import ssd, ssd_step
 
 
@@ -101,17 +101,6 @@ class Mamba2(nn.Module):
                                   dtype=state_dtype),
         )
 
-    def _A(self) -> torch.Tensor:
-        """A = -exp(A_log) in float32 (float64 stays); without autograd (generation) computed once and
-        reused until A_log changes, so a decoding step (or its CUDA graph) does not recompute it."""
-        if torch.is_grad_enabled():
-            return self._compute_A()
-        return decode_memo(self, "A", [self.A_log], self._compute_A)
-
-    def _compute_A(self) -> torch.Tensor:
-        A_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
-        return -torch.exp(A_log)
-
     def _D(self) -> torch.Tensor:
         return self.D.reshape(self.nheads, self.headdim) if self.config.D_has_hdim else self.D
 
@@ -138,7 +127,7 @@ class Mamba2(nn.Module):
             # The conv output at a pad is silu(bias), not 0: zero the scan input so pads add nothing to the
             # state. A pad still decays the state, which is zero before the first real token.
             xs = xs * keep
-        A, D = self._A(), self._D()
+        A, D = ssm_A(self), self._D()
 
         if step:
             y = ssd_step(cache.ssm_state, xs[:, 0].reshape(batch, self.nheads, self.headdim), dt[:, 0], A,

@@ -1,11 +1,12 @@
-"""The short causal convolution both Mamba mixers run before their scan, cache and padding included."""
+"""What both Mamba mixers share: the short causal convolution they run before their scan (cache and
+padding included) and their continuous-time decay A = -exp(A_log)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from core.cache import ConvSSMCache
+from core.cache import ConvSSMCache, decode_memo
 from kernels.causal_conv1d import causal_conv1d, causal_conv1d_step
 
 
@@ -29,3 +30,16 @@ def masked_short_conv(x: torch.Tensor, conv: nn.Conv1d, keep: torch.Tensor | Non
                                  initial_state=cache.conv_state, return_final_state=True)
         return y.transpose(1, 2), final
     return causal_conv1d(x.transpose(1, 2), weight, conv.bias, "silu").transpose(1, 2), None
+
+
+def _negative_exp(A_log: torch.Tensor) -> torch.Tensor:
+    return -torch.exp(A_log if A_log.dtype == torch.float64 else A_log.float())
+
+
+def ssm_A(mixer: nn.Module) -> torch.Tensor:
+    """A = -exp(mixer.A_log) in float32 (float64 stays). Without autograd (generation) it is computed once
+    and reused until A_log changes, so a decoding step (or its CUDA graph) does not recompute it."""
+    if torch.is_grad_enabled():
+        return _negative_exp(mixer.A_log)
+    return decode_memo(mixer, "A", [mixer.A_log], lambda: _negative_exp(mixer.A_log))
+
