@@ -20,7 +20,7 @@ from kernels.dispatch import forced_backend  # noqa: E402
 
 try:
     from kernels.causal_conv1d import triton as conv_triton  # noqa: E402
-except Exception as error:  # pragma: no cover - triton present but unusable here
+except ImportError as error:  # pragma: no cover - triton present but unusable here (a broken kernel module fails)
     pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

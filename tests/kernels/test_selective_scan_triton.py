@@ -28,7 +28,7 @@ from kernels.selective_scan.reference import selective_scan_reference, selective
 
 try:
     from kernels.selective_scan import triton as ss_triton  # noqa: E402
-except Exception as error:  # pragma: no cover - triton present but unusable here
+except ImportError as error:  # pragma: no cover - triton present but unusable here (a broken kernel module fails)
     pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

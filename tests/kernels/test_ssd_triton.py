@@ -33,14 +33,12 @@ NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 @pytest.fixture(scope="module")
 def sst():
-    """The kernels module, or a clean skip where Triton cannot run a kernel here."""
+    """The kernels module, or a clean skip where it cannot be imported (Triton present but unusable).
+    A kernel that imports but fails to run is a failure of the tests that call it, never a skip."""
     try:
         from kernels.ssd import triton as module
-        x = torch.randn(1, 3, 2, 4, device=DEVICE)
-        module.ssd_triton(x, torch.randn(1, 3, 2, device=DEVICE), -torch.ones(2, device=DEVICE),
-                          torch.randn(1, 3, 1, 8, device=DEVICE), torch.randn(1, 3, 1, 8, device=DEVICE), 16)
-    except Exception as err:  # noqa: BLE001 - any failure to run a kernel at all means "cannot test here"
-        pytest.skip(f"triton cannot run here: {err!r}")
+    except ImportError as err:
+        pytest.skip(f"triton kernels cannot load: {err!r}")
     return module
 
 
