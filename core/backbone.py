@@ -3,6 +3,8 @@
     h_0 = embedding(input_ids)                       [B, L, d_model]
     h_i = h_{i-1} + mixer_i(norm_i(h_{i-1}))         one block per character of config.pattern
     logits = lm_head(norm_f(h_n))[..., :vocab_size]  [B, L, vocab_size], float32
+    loss = mean cross-entropy(logits, labels)        labels != -100; over chunks of positions when
+                                                     config.loss_chunk_size is set (no logits then)
 
 Module names are mamba_ssm's ``MambaLMHeadModel`` (``backbone.embedding``, ``backbone.layers.{i}.norm``,
 ``backbone.layers.{i}.mixer``, ``backbone.norm_f``, ``lm_head``), so its checkpoints load by name for
@@ -31,10 +33,9 @@ from torch import nn
 
 from core import pattern as P
 from core.cache import InferenceCache
+from core.chunked_loss import IGNORE_INDEX, chunked_cross_entropy  # IGNORE_INDEX: -100, importable from here too
 from core.config import ModelConfig
 from core.layers.norm import RMSNorm
-
-IGNORE_INDEX = -100
 
 # The parameter (relative to its mixer) that writes each block's output into the residual stream; the
 # GPT-2 / mamba_ssm scheme rescales it by 1/sqrt(depth). The MoE's stacked experts are [E, d_model, hidden].
@@ -68,6 +69,9 @@ def config_problems(config: ModelConfig) -> list[str]:
         add(f"norm_eps: must be > 0, got {config.norm_eps}")
     if not config.initializer_range > 0:
         add(f"initializer_range: must be > 0 (the embedding's init std), got {config.initializer_range}")
+    if config.loss_chunk_size is not None and not _positive_int(config.loss_chunk_size):
+        add(f"loss_chunk_size: must be a positive int (positions per chunk of the LM head + cross-entropy) or "
+            f"None (all logits at once), got {config.loss_chunk_size!r}")
     try:
         P.validate_pattern(config.pattern)
     except (TypeError, ValueError) as error:
@@ -331,7 +335,9 @@ class Backbone(nn.Module):
 class CausalLMOutput:
     """What :meth:`CausalLM.forward` returns.
 
-    logits:     float32 [B, L, vocab_size] (the padded embedding rows are dropped).
+    logits:     float32 [B, L, vocab_size] (the padded embedding rows are dropped); None from a forward
+                with labels and no cache when ``config.loss_chunk_size`` is set (the chunked loss never
+                materializes them).
     loss:       scalar float32, ``ce_loss + sum(aux_losses.values())``; None without labels.
     ce_loss:    scalar float32, the mean cross-entropy over labels != -100 (what perplexity is made
                 of; 0 when every label is ignored); None without labels.
@@ -339,7 +345,7 @@ class CausalLMOutput:
                 coefficients (``{"load_balancing": ..., "router_z": ...}``); empty without MoE.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -352,6 +358,11 @@ class CausalLM(nn.Module):
     when ``config.tie_embeddings``. Built on ``device`` / ``dtype`` (e.g. ``device="meta"`` to count a
     large model's parameters without memory). The config is validated first, so a bad shape fails with
     a message naming the field and the fix before any tensor is allocated.
+
+    ``config.loss_chunk_size`` (None by default) chooses how a forward with labels computes the loss:
+    None builds the [B, L, vocab] logits and their cross-entropy at once; n > 0 runs the head and the
+    cross-entropy over chunks of n positions (:mod:`core.chunked_loss`), never holding all the logits,
+    and returns ``logits=None``. Parameters and state dict are the same either way.
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
@@ -382,15 +393,28 @@ class CausalLM(nn.Module):
                          prediction made at position t (the data pipeline shifts, as nanoGPT's x / y);
                          -100 is ignored.
         num_last_tokens: > 0 computes the logits of the last that many positions only (generation).
+
+        With labels, no cache and ``config.loss_chunk_size`` set, the loss is computed over chunks of
+        that many positions and the output has ``logits=None`` (loss, ce_loss and aux_losses as
+        without chunking, and so are the gradients). Every other call (no labels: evaluation,
+        generation; a cache) returns the logits whatever the setting.
         """
         self._check_inputs(input_ids, cache, padding_mask, labels, num_last_tokens)
         hidden, aux_losses = self.backbone(input_ids, cache=cache, padding_mask=padding_mask)
-        if num_last_tokens > 0:
-            hidden = hidden[:, -num_last_tokens:]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))[..., : self.config.vocab_size].float()
-        output = CausalLMOutput(logits=logits, aux_losses=aux_losses)
+        chunk_size = self.config.loss_chunk_size
+        if labels is not None and cache is None and chunk_size:
+            # The logits are the largest tensor of a long-sequence training step: never build them.
+            loss_sum = chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.config.vocab_size, chunk_size)
+            output = CausalLMOutput(logits=None, aux_losses=aux_losses)
+            output.ce_loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            if num_last_tokens > 0:
+                hidden = hidden[:, -num_last_tokens:]
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))[..., : self.config.vocab_size].float()
+            output = CausalLMOutput(logits=logits, aux_losses=aux_losses)
+            if labels is not None:
+                output.ce_loss = cross_entropy(logits, labels)
         if labels is not None:
-            output.ce_loss = cross_entropy(logits, labels)
             output.loss = output.ce_loss + sum(aux_losses.values()) if aux_losses else output.ce_loss
         return output
 

@@ -152,6 +152,10 @@ class ModelConfig:
     s4d: S4DConfig = field(default_factory=S4DConfig)
     name: str = ""
     domain: str = "lm"
+    # How the LM loss is computed, not a shape: > 0 runs the head + cross-entropy of a forward with
+    # labels over chunks of this many positions (core/chunked_loss.py), so the [B, L, vocab] logits
+    # never exist and CausalLM returns logits=None there; None: all logits at once.
+    loss_chunk_size: int | None = None
 
     @property
     def n_layers(self) -> int:
@@ -163,11 +167,23 @@ class ModelConfig:
         return self.vocab_size if multiple <= 1 else multiple * math.ceil(self.vocab_size / multiple)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a JSON-able dict; the fields of :data:`OMITTED_AT_DEFAULT` are left out when they
+        have their default, so the ``config.json`` and checkpoints of every model written before such a
+        field existed, and the sweep keys hashed from them, stay what they were (``from_dict`` fills the
+        default back)."""
+        data = dataclasses.asdict(self)
+        for name in OMITTED_AT_DEFAULT:
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, data, "model")
+
+
+# Settings of how a model is run (not of its shape) whose default is None: see ModelConfig.to_dict.
+OMITTED_AT_DEFAULT = ("loss_chunk_size",)
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:

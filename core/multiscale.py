@@ -92,6 +92,10 @@ class MultiScaleConfig:
             problems.append(f"pools: need a non-empty list of ints >= 2 (SaShiMi: [4, 4]), got {self.pools!r}")
         if not isinstance(self.expand, int) or self.expand < 1:
             problems.append(f"expand: must be an int >= 1, got {self.expand!r}")
+        if self.model.loss_chunk_size is not None:
+            # Its loss is computed from full logits (samples are short next to a vocabulary of 256).
+            problems.append(f"model.loss_chunk_size: the multi-scale model has no chunked loss; leave it unset "
+                            f"(got {self.model.loss_chunk_size!r})")
         if problems:
             raise ValueError("invalid multi-scale config:\n- " + "\n- ".join(problems))
         for level in range(len(self.pools) + 1):

@@ -5,9 +5,9 @@ tokens per sequence, with activation checkpointing off and on, and the longest l
     PYTHONPATH=$PWD python3 scripts/bench_long_context.py --quick    # CPU smoke: tiny presets, 64/128 tokens
 
 One training step = forward + backward + AdamW (fused) at batch 1, under bf16 autocast with fp32 weights
-(as ``lm train`` with ``trainer=gpu`` runs it), on random tokens. The loss is the chunked LM head +
-cross-entropy of :mod:`core.chunked_loss` (4096 positions a chunk: the [L, vocab] logits never exist
-at once); activation checkpointing is :func:`core.parallel.apply_activation_checkpointing` (every
+(as ``lm train`` with ``trainer=gpu`` runs it), on random tokens. The loss is CausalLM's chunked LM
+head + cross-entropy (``ModelConfig.loss_chunk_size``, :mod:`core.chunked_loss`; 4096 positions a chunk:
+the [L, vocab] logits never exist at once); activation checkpointing is :func:`core.parallel.apply_activation_checkpointing` (every
 block, non-reentrant). Attention runs under ``sdpa_kernel`` restricted to the fused kernels (flash,
 memory-efficient, cuDNN): a shape that would fall back to the O(L^2)-memory math kernel fails with an
 error instead of silently using it.
@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from core.backbone import CausalLM  # noqa: E402
-from core.chunked_loss import DEFAULT_CHUNK_SIZE, lm_loss  # noqa: E402
 from core.parallel import apply_activation_checkpointing  # noqa: E402
 from core.presets import get_preset  # noqa: E402
 
@@ -49,6 +48,7 @@ PRESETS = ("hybrid-130m", "mamba2-130m", "mamba1-130m", "transformer++-125m")
 TINY = ("hybrid-tiny", "mamba2-tiny", "mamba1-tiny", "transformer++-tiny")
 LENGTHS = (16384, 32768, 65536, 131072)
 SSM_EXTRA = (262144,)  # tried for the attention-free presets only
+LOSS_CHUNK = 4096  # positions per chunk of the LM head + cross-entropy (the long-context recipe's)
 
 
 @dataclass
@@ -77,10 +77,12 @@ def fused_attention_only(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
 
 
-def build(preset: str, checkpointing: bool, device: torch.device, max_len: int
+def build(preset: str, checkpointing: bool, device: torch.device, max_len: int, loss_chunk: int
           ) -> tuple[CausalLM, torch.optim.Optimizer]:
+    """The preset (loss over chunks of ``loss_chunk`` positions; 0: all logits at once) and its AdamW."""
     torch.manual_seed(0)
     config = get_preset(preset)
+    config.loss_chunk_size = loss_chunk or None
     if "H" in config.pattern:
         config.hyena.max_seqlen = max(config.hyena.max_seqlen, max_len)
     model = CausalLM(config, device=device)
@@ -90,12 +92,11 @@ def build(preset: str, checkpointing: bool, device: torch.device, max_len: int
     return model, optimizer
 
 
-def train_step(model: CausalLM, optimizer: torch.optim.Optimizer, ids: torch.Tensor, loss_chunk: int,
-               device: torch.device) -> float:
+def train_step(model: CausalLM, optimizer: torch.optim.Optimizer, ids: torch.Tensor, device: torch.device) -> float:
     """One forward + backward + AdamW step; returns the loss."""
     with fused_attention_only(device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = lm_loss(model, ids[:, :-1], ids[:, 1:], chunk_size=loss_chunk)
+            out = model(ids[:, :-1], labels=ids[:, 1:])
         out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -107,8 +108,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model: CausalLM, optimizer: torch.optim.Optimizer, length: int, loss_chunk: int,
-            device: torch.device, warmup: int, steps: int) -> dict:
+def measure(model: CausalLM, optimizer: torch.optim.Optimizer, length: int, device: torch.device, warmup: int,
+            steps: int) -> dict:
     """Run warmup + steps training steps at ``length``; the peak memory and the median step time."""
     generator = torch.Generator(device="cpu").manual_seed(length)
     ids = torch.randint(0, model.config.vocab_size, (1, length + 1), generator=generator).to(device)
@@ -121,7 +122,7 @@ def measure(model: CausalLM, optimizer: torch.optim.Optimizer, length: int, loss
     for i in range(warmup + steps):
         sync(device)
         started = time.perf_counter()
-        step_loss = train_step(model, optimizer, ids, loss_chunk, device)
+        step_loss = train_step(model, optimizer, ids, device)
         sync(device)
         if i == 0:
             loss = step_loss
@@ -138,7 +139,7 @@ def run_case(case: Case, lengths: tuple[int, ...], device: torch.device, warmup:
              deadline: float) -> None:
     model = optimizer = None
     try:
-        model, optimizer = build(case.preset, case.checkpointing, device, max(lengths))
+        model, optimizer = build(case.preset, case.checkpointing, device, max(lengths), case.loss_chunk)
         failed = False
         for length in lengths:
             if failed:
@@ -148,7 +149,7 @@ def run_case(case: Case, lengths: tuple[int, ...], device: torch.device, warmup:
                 case.results[length] = {"status": "not run"}
                 continue
             try:
-                case.results[length] = measure(model, optimizer, length, case.loss_chunk, device, warmup, steps)
+                case.results[length] = measure(model, optimizer, length, device, warmup, steps)
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not is_oom(error):
                     message = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
@@ -240,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CPU smoke: tiny presets at 64 and 128 tokens")
     parser.add_argument("--presets", nargs="+", default=None)
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--loss-chunk", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK,
+                        help="positions per chunk of the LM head + cross-entropy (0: all logits at once)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per case (after the warm-up)")
     parser.add_argument("--time-budget", type=float, default=210.0, help="seconds after which no new case starts")
     args = parser.parse_args(argv)
+    if args.loss_chunk < 0:
+        parser.error(f"--loss-chunk must be >= 0 (0: all logits at once), got {args.loss_chunk}")
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.quick
@@ -301,10 +305,17 @@ def main(argv: list[str] | None = None) -> int:
                 elif other is not None and other.results.get(length, {}).get("status") == "ok":
                     if abs(result["loss"] - other.results[length]["loss"]) > 1e-4:
                         bad.append(f"{case.label} {length}: loss {result['loss']} vs {other.results[length]['loss']}")
+        # ... and neither does chunking it: the unchunked reference row against the same preset chunked.
+        chunked = by_key.get((Case(presets[0], True, loss_chunk).label, True))
+        for length, result in reference.results.items():
+            mine = None if chunked is None else chunked.results.get(length)
+            if loss_chunk and result["status"] == "ok" and mine is not None and mine["status"] == "ok":
+                if abs(result["loss"] - mine["loss"]) > 1e-4:
+                    bad.append(f"{reference.label} {length}: loss {result['loss']} vs {mine['loss']} chunked")
         if bad:
             print("FAILED:\n" + "\n".join(bad))
             return 1
-        print("quick check passed: every case ran, checkpointing does not change the loss")
+        print("quick check passed: every case ran, neither checkpointing nor chunking the loss changes it")
     return 0
 
 

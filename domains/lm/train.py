@@ -12,9 +12,10 @@ config up to the fields in :data:`MAY_DIFFER`) and, when it carries its tokenize
 tokenizer; anything else is refused with the differences listed. ``trainer.resume`` (exact resume of
 an interrupted run) takes precedence: the ``.ckpt`` holds weights, optimizer and schedule.
 
-Long sequences: ``loss_chunk_size=<n>`` computes the LM head and the cross-entropy over chunks of n
-positions (``core/chunked_loss.py``), so the [seq_len, vocab] logits never exist at once, and
-``trainer.activation_checkpointing=true`` (``core/parallel.py``) recomputes each block in the backward.
+Long sequences: ``loss_chunk_size=<n>`` sets the model config's ``loss_chunk_size``: CausalLM computes
+the LM head and the cross-entropy over chunks of n positions (``core/chunked_loss.py``), so the
+[seq_len, vocab] logits never exist at once; ``trainer.activation_checkpointing=true``
+(``core/parallel.py``) recomputes each block in the backward.
 
 Stages: a config with a non-empty ``stages`` list runs them in order, each a partial config merged on
 top of the run's (``seq_len``, ``batch_size``, ``optim.*``, ``trainer.max_steps``, ...) with a ``name``;
@@ -49,7 +50,6 @@ from core.checkpoint import (
     save_export,
     state_dict_problems,
 )
-from core.chunked_loss import ChunkedLossLM
 from core.config import ModelConfig
 from core.generate import generate
 from core.presets import get_preset
@@ -75,12 +75,28 @@ def model_config_from(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     config.vocab_size = vocab_size
     config.domain = "lm"
     config.name = str(cfg.model.preset)
+    chunk = loss_chunk_size(cfg)
+    if chunk:
+        if config.loss_chunk_size not in (None, chunk):
+            raise ValueError(f"loss_chunk_size={chunk} and model.overrides.loss_chunk_size="
+                             f"{config.loss_chunk_size} disagree; set one of them")
+        config.loss_chunk_size = chunk
     longest = max(int(cfg.seq_len), eval_seq_len(cfg))
     if "H" in config.pattern and config.hyena.max_seqlen < longest:
         # Hyena's implicit filter is defined over max_seqlen positions (safari's l_max): it must cover
         # the training (and validation) length, as in safari, where l_max is the dataset's sequence length.
         config.hyena.max_seqlen = longest
     return config
+
+
+def loss_chunk_size(cfg: DictConfig) -> int:
+    """The run's ``loss_chunk_size`` (0 or null: all logits at once), checked."""
+    value = cfg.get("loss_chunk_size")
+    if isinstance(value, bool) or not isinstance(value, (int, type(None))):
+        raise ValueError(f"loss_chunk_size must be an int >= 0 (0: all logits at once), got {value!r}")
+    if value is not None and value < 0:
+        raise ValueError(f"loss_chunk_size must be >= 0 (0: all logits at once), got {value}")
+    return value or 0
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
@@ -130,9 +146,9 @@ def eval_seq_len(cfg: DictConfig) -> int:
 # Config fields that may differ between the checkpoint and the new run: they change no parameter shape
 # and are what a continued run legitimately changes (Hyena's filter length follows the training
 # length; the SSD chunk is a kernel choice; the RoPE base is raised for long context; the MoE loss
-# coefficients are training choices). The name and the domain are labels.
+# coefficients are training choices; so is the loss chunk). The name and the domain are labels.
 MAY_DIFFER = ("name", "domain", "hyena.max_seqlen", "mamba2.chunk_size", "attention.rope_theta",
-              "moe.load_balancing_coef", "moe.z_loss_coef", "moe.capacity_factor")
+              "moe.load_balancing_coef", "moe.z_loss_coef", "moe.capacity_factor", "loss_chunk_size")
 
 
 @dataclass
@@ -263,15 +279,10 @@ def train_run(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = resume_path(cfg.trainer.resume, run_dir)
     module = CausalLMModule(model_config, optim)
-    loss_chunk_size = int(cfg.get("loss_chunk_size") or 0)
-    if loss_chunk_size < 0:
-        raise ValueError(f"loss_chunk_size must be >= 0 (0: all logits at once), got {loss_chunk_size}")
-    if loss_chunk_size:
-        # Same modules and state dict; only the loss forward changes (core/chunked_loss.py).
-        module.model = ChunkedLossLM.from_model(module.model, loss_chunk_size)
     n_params = sum(p.numel() for p in module.model.parameters())
+    chunked = f", loss over chunks of {model_config.loss_chunk_size} positions" if model_config.loss_chunk_size else ""
     print(f"model: {model_config.name} pattern {model_config.pattern!r} d_model {model_config.d_model}, "
-          f"{n_params:,} parameters")
+          f"{n_params:,} parameters{chunked}")
     init_from = cfg.trainer.get("init_from")
     if init_from and ckpt is None:
         source = init_from_checkpoint(module.model, init_from, data.tokenizer)

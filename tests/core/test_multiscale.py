@@ -87,6 +87,10 @@ def test_errors_name_the_problem():
     config.model.mamba2.headdim = 12  # divides no level's width
     with pytest.raises(ValueError, match="(?s)level 0.*headdim"):
         MultiScaleLM(config)
+    config = small("L-")
+    config.model.loss_chunk_size = 64  # a CausalLM setting the multi-scale model would silently ignore
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        MultiScaleLM(config)
     model = MultiScaleLM(small("L-"))
     with pytest.raises(ValueError, match="left padding"):
         model(torch.zeros(1, 4, dtype=torch.long), padding_mask=torch.tensor([[False, True, True, True]]))

@@ -53,8 +53,8 @@ def extension(corpus: Path, tmp: Path, *extra: str) -> list[str]:
 
 
 class Record(L.Callback):
-    """Per fit: the model's weights when training starts and its class, each step's learning rate, batch
-    shape and loss."""
+    """Per fit: the model's weights when training starts, its class and loss chunk, each step's learning
+    rate, batch shape and loss."""
 
     def __init__(self) -> None:
         self.fits: list[dict] = []
@@ -62,7 +62,8 @@ class Record(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         self.fits.append({"start": state, "lrs": [], "shapes": [], "losses": [],
-                          "model": type(pl_module.model).__name__, "checkpointed": checkpointed_blocks(pl_module)})
+                          "model": type(pl_module.model).__name__, "checkpointed": checkpointed_blocks(pl_module),
+                          "loss_chunk_size": pl_module.model.config.loss_chunk_size})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.fits[-1]["lrs"].append(trainer.optimizers[0].param_groups[0]["lr"])
@@ -127,23 +128,38 @@ def test_each_stage_has_its_own_length_and_a_fresh_schedule(staged):
     assert [fit["shapes"] for fit in stages] == [[(4, 64)] * 2, [(4, 128)] * 2, [(2, 256)] * 2]
     # Warmup restarts in every stage (2 warmup steps): step 0 runs at half the stage's lr.
     assert [fit["lrs"][0] for fit in stages] == pytest.approx([3e-3 / 2, 2e-3 / 2, 1e-3 / 2])
-    # The experiment trains through the chunked loss (loss_chunk_size=32) with every block checkpointed
-    # (trainer.activation_checkpointing=true); the base run does neither.
-    assert [fit["model"] for fit in recorder.fits] == ["CausalLM"] + ["ChunkedLossLM"] * 3
+    # The experiment trains through the chunked loss (loss_chunk_size=32: the model config's field, the
+    # model a plain CausalLM) with every block checkpointed (trainer.activation_checkpointing=true); the
+    # base run does neither.
+    assert [fit["model"] for fit in recorder.fits] == ["CausalLM"] * 4
+    assert [fit["loss_chunk_size"] for fit in recorder.fits] == [None, 32, 32, 32]
     blocks = len(get_preset("hybrid-tiny").pattern)
     assert [fit["checkpointed"] for fit in recorder.fits] == [0] + [blocks] * 3
 
 
 def test_chunked_loss_trains_like_the_plain_loss(corpus, tmp_path, monkeypatch):
-    losses = []
+    losses, weights = [], []
     for chunk in (0, 24):
         recorder = Record()
         cfg = lm_config(overrides(corpus, tmp_path / "cache", tmp_path / f"run{chunk}", f"loss_chunk_size={chunk}"))
         run_train(monkeypatch, cfg, recorder)
         losses.append(recorder.fits[0]["losses"])
+        assert recorder.fits[0]["loss_chunk_size"] == (chunk or None)
+        weights.append(load_file(str(tmp_path / f"run{chunk}" / "export" / "model.safetensors")))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # Same parameter names; the two runs trained (nearly) the same weights.
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5, msg=key)
+    # The export records the setting (its config.json is the model config); a 0 run's leaves it out.
+    assert load_export(tmp_path / "run24" / "export").config.loss_chunk_size == 24
+    assert load_export(tmp_path / "run0" / "export").config.loss_chunk_size is None
     cfg = lm_config(overrides(corpus, tmp_path / "cache", tmp_path / "bad", "loss_chunk_size=-1"))
     with pytest.raises(ValueError, match="loss_chunk_size must be >= 0"):
+        run_train(monkeypatch, cfg, Record())
+    cfg = lm_config(overrides(corpus, tmp_path / "cache", tmp_path / "bad", "loss_chunk_size=16",
+                              "+model.overrides.loss_chunk_size=8"))
+    with pytest.raises(ValueError, match="loss_chunk_size=16 and model.overrides.loss_chunk_size=8 disagree"):
         run_train(monkeypatch, cfg, Record())
     cfg = lm_config(overrides(corpus, tmp_path / "cache", tmp_path / "bad", "+optim.lrr=1"))
     with pytest.raises(ValueError, match=r"optim: unknown key\(s\) \['lrr'\]"):
@@ -178,7 +194,7 @@ def test_the_gpu_recipe_config(tmp_path):
 
 def test_init_from_a_lightning_checkpoint(staged, corpus, tmp_path, monkeypatch):
     tmp, _, _ = staged
-    ckpt = tmp / "run" / "s128" / "checkpoints" / "last.ckpt"  # a ChunkedLossLM's: the same keys
+    ckpt = tmp / "run" / "s128" / "checkpoints" / "last.ckpt"  # a chunked-loss run's (32); this one's is not
     recorder = Record()
     cfg = lm_config(overrides(corpus, tmp / "cache", tmp_path / "run", f"trainer.init_from={ckpt}"))
     result = run_train(monkeypatch, cfg, recorder)
