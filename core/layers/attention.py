@@ -279,10 +279,16 @@ class Attention(nn.Module):
             attn_mask, is_causal = causal_lower_right(seqlen, start + seqlen), False
         else:
             attn_mask, is_causal = self._mask(key_valid, start, seqlen, x.device), False
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        grouped = self.n_kv_heads != self.n_heads
+        if grouped and seqlen > 1 and (q.dtype not in (torch.float16, torch.bfloat16) or attn_mask is not None):
+            # Only the flash kernel takes grouped K/V, and it needs fp16/bf16 without a mask; anything else
+            # would fall back to the math kernel and hold [B, H, L, L] scores. The memory-efficient kernel
+            # takes fp32 and masks once K/V have every head. (A decoding step, L == 1, has no such cost.)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            grouped = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=grouped)
         y = y.transpose(1, 2).reshape(batch, seqlen, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
