@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +27,7 @@ from torch import nn
 from core.backbone import Backbone
 from core.bidirectional import BidirectionalBackbone, RCEquivariantBackbone, check_rc_map
 from core.config import ModelConfig
-from core.training import OptimConfig, lr_lambda, parameter_groups
+from core.training import AdamWModule, OptimConfig
 
 MODES = ("causal", "bidirectional", "rc")
 POOLINGS = ("mean", "last")
@@ -119,7 +118,7 @@ class _CausalEncoder(nn.Module):
         return h, h[:, -1], aux
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(AdamWModule):
     """Trains a :class:`SequenceClassifier` on ``{"input_ids": [B, L], "labels": [B]}`` batches.
 
     Logged: ``train/loss``, ``train/acc``, ``train/lr``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
@@ -159,10 +158,3 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = self.optim_config
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, config), lr=config.lr, betas=config.betas,
-                                      eps=config.eps, fused=self.device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, config))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

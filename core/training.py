@@ -141,7 +141,51 @@ def guess_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-class CausalLMModule(L.LightningModule):
+class AdamWModule(L.LightningModule):
+    """What every training module of the suite shares: AdamW (fused on CUDA unless an fp16 GradScaler
+    runs) over :func:`parameter_groups` of ``self.model`` with the warmup + cosine schedule of
+    ``self.optim_config``, and gradient clipping by global norm that works with the fused optimizer,
+    logging ``train/grad_norm``."""
+
+    def _uses_grad_scaler(self) -> bool:
+        return self._trainer is not None and str(self.trainer.precision).startswith("16")
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm ourselves and log the norm before clipping (``train/grad_norm``).
+
+        Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it expects one that
+        unscales fp16 gradients itself), but under bf16 and fp32 there is no scaler and the gradients
+        are already the true ones. Under FSDP the gradients are shards: the root FSDP module computes the
+        norm over all of them (a plain clip_grad_norm_ would use each rank's partial norm).
+        """
+        if not gradient_clip_val:
+            return
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        sharded = root is not None and is_fsdp_wrapped(root)
+        if gradient_clip_algorithm not in (None, "norm") or (self._uses_grad_scaler() and not sharded):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if sharded:
+            norm = root.clip_grad_norm_(gradient_clip_val)  # the scaler (fp16) has unscaled before this hook
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optim_config
+        # fp16 needs the GradScaler's unscale before clipping, which a fused optimizer takes over.
+        fused = self.device.type == "cuda" and not self._uses_grad_scaler()
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, config), lr=config.lr, betas=config.betas, eps=config.eps,
+            fused=fused,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, config))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class CausalLMModule(AdamWModule):
     """Trains a :class:`~core.backbone.CausalLM` built from ``model_config``.
 
     Logged: ``train/loss`` (cross-entropy), ``train/aux_loss`` (MoE), ``train/lr``,
@@ -212,43 +256,6 @@ class CausalLMModule(L.LightningModule):
         if loss is not None:
             self.log("val/ppl", torch.exp(loss.float()), prog_bar=True, sync_dist=True)
         self._step_started = None  # the validation pause is not training time
-
-    def _uses_grad_scaler(self) -> bool:
-        return self._trainer is not None and str(self.trainer.precision).startswith("16")
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by global norm ourselves and log the norm before clipping (``train/grad_norm``).
-
-        Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it expects one that
-        unscales fp16 gradients itself), but under bf16 and fp32 there is no scaler and the gradients
-        are already the true ones. Under FSDP the gradients are shards: the root FSDP module computes the
-        norm over all of them (a plain clip_grad_norm_ would use each rank's partial norm).
-        """
-        if not gradient_clip_val:
-            return
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        sharded = root is not None and is_fsdp_wrapped(root)
-        if gradient_clip_algorithm not in (None, "norm") or (self._uses_grad_scaler() and not sharded):
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        if sharded:
-            norm = root.clip_grad_norm_(gradient_clip_val)  # the scaler (fp16) has unscaled before this hook
-        else:
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        self.log("train/grad_norm", norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = self.optim_config
-        # fp16 needs the GradScaler's unscale before clipping, which a fused optimizer takes over.
-        fused = self.device.type == "cuda" and not self._uses_grad_scaler()
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, config), lr=config.lr, betas=config.betas, eps=config.eps,
-            fused=fused,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, config))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

@@ -92,7 +92,9 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
     elapsed = time.perf_counter() - started
 
-    device = module.device
+    # The training device, not module.device: Lightning's teardown at the end of fit moves the module to
+    # the CPU, where evaluating a GPU-sized model on millions of tokens takes minutes.
+    device = trainer.strategy.root_device
     result: dict[str, float] = {"steps": trainer.global_step, "train_seconds": elapsed, "parameters": n_params}
     # Under FSDP the weights are shards: every rank takes part in the gather, rank 0 evaluates and exports.
     model = gather_model(trainer, module.model)

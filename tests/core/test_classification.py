@@ -124,3 +124,25 @@ def test_lightning_module_step():
     logits = module(random_ids(2, 11))
     assert logits.shape == (2, 4) and logits.dtype == torch.float32
     assert module.hparams["rc_map"] == RC_MAP.tolist()
+
+
+def test_fit_clips_with_a_fused_optimizer(monkeypatch: pytest.MonkeyPatch):
+    """Lightning refuses to clip for a fused AdamW (what CUDA runs get); the module clips itself and logs
+    the norm. Forced fused here on CPU, where it would otherwise be off."""
+    import lightning as L
+
+    real_adamw = torch.optim.AdamW
+    built = []
+
+    def fused_adamw(*args, **kwargs):
+        built.append(real_adamw(*args, **{**kwargs, "fused": True}))
+        return built[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", fused_adamw)
+    module = ClassifierModule(tiny("hyena"), ClassifierConfig(n_classes=4, mode="causal"), {"lr": 1e-3})
+    data = [{"input_ids": random_ids(2, 16, seed=i), "labels": torch.tensor([i % 4, (i + 1) % 4])} for i in range(2)]
+    trainer = L.Trainer(max_steps=2, gradient_clip_val=1e-3, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert built and built[0].defaults["fused"]
+    assert float(trainer.callback_metrics["train/grad_norm"]) > 1e-3  # logged before clipping, so above it

@@ -58,6 +58,36 @@ def test_pretrain_writes_an_export_with_tokenizer_and_data(pretrained):
     assert "${" not in (run / "config.yaml").read_text()
 
 
+def test_pretrain_evaluates_on_the_training_device(tmp_path: Path, monkeypatch):
+    """Lightning's teardown moves the module to the CPU at the end of fit; the final val / test evaluation
+    must run on the trainer's device, not on ``module.device`` (on a GPU that was minutes on the CPU).
+    On a CPU-only machine the two are told apart by giving the trainer the device ``cpu:0``."""
+    import torch
+
+    import domains.dna.pretrain as pretrain_module
+
+    original = pretrain_module.build_trainer
+
+    def build_trainer(trainer_cfg, run_dir, extra_callbacks=None):
+        trainer = original(trainer_cfg, run_dir, extra_callbacks)
+        trainer.strategy._root_device = torch.device("cpu", 0)
+        return trainer
+
+    seen = []
+
+    def mean_token_loss(model, loader, device):
+        seen.append(torch.device(device))
+        return 1.0, 1
+
+    monkeypatch.setattr(pretrain_module, "build_trainer", build_trainer)
+    monkeypatch.setattr(pretrain_module, "mean_token_loss", mean_token_loss)
+    maf = tmp_path / "apes.maf"
+    write_maf(maf, n_blocks=40)
+    pretrain(dna_config("pretrain", [*FAST, "trainer.max_steps=1", *data_overrides(maf, tmp_path),
+                                     f"run.dir={tmp_path / 'run'}"]))
+    assert seen == [torch.device("cpu", 0)] * 2  # val and test
+
+
 def test_eval_and_context_curve(pretrained):
     run, _ = pretrained
     scores = evaluate(dna_config("eval", [f"checkpoint={run}", "max_windows=4", "contexts=[4,16,48]",
