@@ -20,7 +20,11 @@ Pieces:
 - :func:`decode_step`: the step itself, token ids [B] -> logits [B, vocab] float32. For a standard
   :class:`~core.backbone.CausalLM` it walks the blocks with the fused residual-add + RMSNorm kernel
   (one kernel a block instead of four; the same arithmetic as ``Block.forward``), else it calls the model.
-  ``generate`` uses it with and without graphs, so both produce identical tokens.
+  Where the ``mamba1_decode_block`` op runs its Triton backend (CUDA by default) and the batch has at
+  most ``FUSED_MAMBA1_MAX_BATCH`` rows, every Mamba-1 block it can take
+  (:meth:`~core.layers.mamba1.Mamba1.fused_step_unsupported`) runs as one fused block step, 3 kernels
+  instead of 7 (:mod:`kernels.mamba_decode`); the other blocks run op by op (:func:`decode_step_path`
+  says which ran). ``generate`` uses it with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -44,10 +48,16 @@ from torch import nn
 
 from core.backbone import Backbone, Block, CausalLM, upcast_residual
 from core.cache import InferenceCache
+from core.layers.mamba1 import Mamba1
 from core.layers.norm import RMSNorm
+from kernels.mamba_decode import mamba1_decode_backend, mamba1_decode_block
 from kernels.norm import rms_norm
 
 LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a multiple of this
+# Batches up to this many rows take the fused Mamba-1 block step (None: every batch). On an H100 (bf16,
+# mamba1-130m, docs/kernels/mamba_decode.md) it made a step 1.24x faster at batch 1 and 1.5x slower at
+# batch 64, where cuBLAS's matmuls in the op-by-op step win.
+FUSED_MAMBA1_MAX_BATCH: int | None = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,6 +100,34 @@ def _fusable(model: nn.Module) -> bool:
 # The step
 # --------------------------------------------------------------------------------------------------
 
+def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
+                        device: torch.device | str | None = None) -> list[bool]:
+    """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it as one fused Mamba-1
+    block step at this batch size (a Mamba-1 block the fused kernels take, on a device where
+    ``mamba1_decode_block`` picks its Triton backend, for at most ``FUSED_MAMBA1_MAX_BATCH`` rows).
+    Empty for models that decode through their own forward."""
+    if not _fusable(model):
+        return []
+    layers = model.backbone.layers
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    too_large = FUSED_MAMBA1_MAX_BATCH is not None and batch_size > FUSED_MAMBA1_MAX_BATCH
+    if too_large or mamba1_decode_backend(device) != "triton":
+        return [False] * len(layers)
+    return [isinstance(block.mixer, Mamba1) and block.mixer.fused_step_unsupported() is None for block in layers]
+
+
+def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
+    """Which step :func:`decode_step` runs for ``model`` on its device at this batch size, in words
+    (benchmarks print it)."""
+    if not _fusable(model):
+        return "the model's own forward"
+    fused = fused_mamba1_blocks(model, batch_size)
+    if not any(fused):
+        return "op by op (fused add+norm)"
+    others = "" if all(fused) else "; others op by op"
+    return f"fused Mamba-1 step ({sum(fused)}/{len(fused)} blocks{others})"
+
+
 @torch.no_grad()
 def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
     """One decoding step: input_ids int64 [B] (one token per row) -> logits float32 [B, vocab_size].
@@ -97,7 +135,9 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     Continues from ``cache`` and leaves the state after the token in it (device state and host counters).
     For a standard :class:`CausalLM` the residual add of each block is fused with the next block's
     RMSNorm (``kernels.norm.rms_norm(..., residual=...)``): the same float32 arithmetic as
-    ``Block.forward`` in fewer kernels. Other models run their own forward.
+    ``Block.forward`` in fewer kernels. Mamba-1 blocks that :func:`fused_mamba1_blocks` marks run as one
+    fused block step (add + norm + mixer + the residual add of their own output, in 3 kernels), equal to
+    the op-by-op step up to the order of floating-point additions. Other models run their own forward.
     """
     if not _fusable(model):
         return model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1]
@@ -105,16 +145,35 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     out = backbone.embedding(input_ids[:, None])  # [B, 1, d_model]
     # The residual stream's dtype, as Backbone / Block keep it.
     stream_dtype = upcast_residual(out).dtype if backbone.residual_in_fp32 else out.dtype
-    residual = None
-    for block, layer_cache in zip(backbone.layers, cache.layers):
-        # residual <- residual + out (the previous block's output), h <- norm(residual), in one kernel.
-        h, residual = rms_norm(out, block.norm.weight, block.norm.eps, residual=residual,
-                               residual_out_dtype=stream_dtype)
+    fused = fused_mamba1_blocks(model, input_ids.shape[0], out.device)
+    # The stream is `residual` + `out` (the previous block's output, not yet added; None once a fused
+    # block has added its own). `sumsq`: a fused block's partial sums of squares of the stream, which the
+    # next fused block's norm reads instead of the row.
+    residual = sumsq = None
+    for block, layer_cache, use_fused in zip(backbone.layers, cache.layers, fused):
+        if use_fused:
+            stream, sumsq = mamba1_decode_block(
+                layer_cache.conv_state, layer_cache.ssm_state, None if out is None else out[:, 0],
+                None if residual is None else residual[:, 0], block.norm.weight, block.norm.eps,
+                **block.mixer.fused_step_weights(), residual_dtype=stream_dtype,
+                residual_sumsq=sumsq if out is None else None)
+            residual, out = stream[:, None], None
+            continue
+        if out is None:  # the stream already holds the previous (fused) block's output
+            h = rms_norm(residual, block.norm.weight, block.norm.eps)
+        else:
+            # residual <- residual + out (the previous block's output), h <- norm(residual), in one kernel.
+            h, residual = rms_norm(out, block.norm.weight, block.norm.eps, residual=residual,
+                                   residual_out_dtype=stream_dtype)
+        sumsq = None
         out = block.mixer(h.to(block.norm.weight.dtype), cache=layer_cache)
         if isinstance(out, tuple):  # the MoE's (y, aux)
             out = out[0]
-    hidden, _ = rms_norm(out, backbone.norm_f.weight, backbone.norm_f.eps, residual=residual,
-                         residual_out_dtype=stream_dtype)
+    if out is None:
+        hidden = rms_norm(residual, backbone.norm_f.weight, backbone.norm_f.eps)
+    else:
+        hidden, _ = rms_norm(out, backbone.norm_f.weight, backbone.norm_f.eps, residual=residual,
+                             residual_out_dtype=stream_dtype)
     cache.seqlen_offset += 1
     logits = model.lm_head(hidden[:, 0].to(model.lm_head.weight.dtype))
     return logits[..., : model.config.vocab_size].float()

@@ -9,10 +9,12 @@ generate call, prefill included, from the call to the tokens being on the device
 over ``--repeats`` calls after one warm-up call (which captures the CUDA graphs, ours and mamba_ssm's,
 and compiles the kernels). tok/s = batch * new_tokens / time: only new tokens count. Before timing, the
 greedy tokens of the CUDA-graph decoder are compared with those of eager decoding (the same step launched
-kernel by kernel) on the same prompts: column "graph = eager". mamba_ssm's ``MambaLMHeadModel`` (random
-init, the mamba1-130m shape: d_model 768, 24 layers, vocab 50277 padded to 50280, Mamba1 layers,
-RMSNorm, fused add+norm, residual in fp32) runs beside mamba1-130m when mamba_ssm is importable, through
-its ``generate(input_ids, max_length, cg=True, top_k=1)``.
+kernel by kernel) on the same prompts: column "graph = eager". Column "decode step" says which step ran
+(``core.cuda_graph.decode_step_path``: the fused Mamba-1 block step of ``kernels.mamba_decode`` on CUDA,
+or op by op; ``SSM_SUITE_BACKEND_MAMBA1_DECODE_BLOCK=reference`` forces the op-by-op step).
+mamba_ssm's ``MambaLMHeadModel`` (random init, the mamba1-130m shape: d_model 768, 24 layers, vocab
+50277 padded to 50280, Mamba1 layers, RMSNorm, fused add+norm, residual in fp32) runs beside mamba1-130m
+when mamba_ssm is importable, through its ``generate(input_ids, max_length, cg=True, top_k=1)``.
 
 Latency: for each context N and model, a cache of N + a few positions is allocated and filled by one
 prefill of N random tokens (in chunks of ``--prefill-chunk``), then ``--latency-steps`` decoding steps
@@ -38,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from core.backbone import CausalLM
-from core.cuda_graph import CUDAGraphDecoder
+from core.cuda_graph import CUDAGraphDecoder, decode_step_path
 from core.generate import generate
 from core.presets import get_preset
 
@@ -153,6 +155,7 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
     same = (eager.tokens == graphed.tokens).all(dim=1)
     row["correct"] = "yes" if bool(same.all()) else f"NO ({int((~same).sum())}/{batch} rows differ)"
     row["graph"] = graphed.cuda_graph
+    row["step"] = decode_step_path(model, batch)
 
     def seconds(mode: bool | CUDAGraphDecoder, repeats: int) -> float:
         return statistics.mean(timed(lambda: generate(model, ids, cuda_graph=mode, **kwargs), device)
@@ -178,11 +181,11 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
 
 def throughput_table(rows: list[dict]) -> str:
     lines = ["| preset | batch | graph = eager | ours, CUDA graph (tok/s) | ours, eager (tok/s) | "
-             "mamba_ssm cg=True (tok/s) | ours / mamba_ssm | target |",
-             "|---|---:|---|---:|---:|---:|---:|---|"]
+             "mamba_ssm cg=True (tok/s) | ours / mamba_ssm | target | decode step |",
+             "|---|---:|---|---:|---:|---:|---:|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['preset']} | {row['batch']} | error: {row['error']} | | | | | |")
+            lines.append(f"| {row['preset']} | {row['batch']} | error: {row['error']} | | | | | | |")
             continue
         graph = f"{row['graph_tok_s']:,.0f}" + ("" if row["graph"] else " (no capture)")
         theirs, ratio, target = row.get("mamba_ssm", ""), "", ""
@@ -195,7 +198,7 @@ def throughput_table(rows: list[dict]) -> str:
             met = "met" if row["graph_tok_s"] >= goal else "NOT met"
             target = f">= {factor}x of {MAMBA_SSM_REFERENCE[row['batch']]:,.0f} = {goal:,.0f}: {met}"
         lines.append(f"| {row['preset']} | {row['batch']} | {row['correct']} | {graph} | "
-                     f"{row['eager_tok_s']:,.0f} | {theirs} | {ratio} | {target} |")
+                     f"{row['eager_tok_s']:,.0f} | {theirs} | {ratio} | {target} | {row['step']} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from core.cache import ConvSSMCache
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
+from kernels.mamba_decode import mamba1_decode_unsupported
 from kernels.selective_scan import selective_scan, selective_scan_step
 
 
@@ -149,6 +150,32 @@ class Mamba1(nn.Module):
                 y = result
             y = y.transpose(1, 2)  # [B, L, d_inner]
         return self.out_proj(y)
+
+    # ----------------------------------------------------------------------------------------------
+    # The fused decoding step (kernels.mamba_decode), which core.cuda_graph.decode_step runs for the
+    # whole block (residual add + norm + this mixer's step) where it can.
+
+    def fused_step_unsupported(self) -> str | None:
+        """Why the fused block step (:func:`kernels.mamba_decode.mamba1_decode_block`, triton backend)
+        cannot run this layer; None when it can."""
+        if self.config.inner_norms:
+            return "Jamba's inner norms (dt / B / C RMSNorms) are not in the fused step"
+        if self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return "in_proj / out_proj have biases, which the fused step does not add"
+        weights = (self.in_proj.weight, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight,
+                   self.out_proj.weight)
+        if len({w.dtype for w in weights}) != 1 or len({w.device for w in weights}) != 1:
+            return "the weights differ in dtype or device"
+        return mamba1_decode_unsupported(self.d_model, self.d_inner, self.d_state, self.dt_rank, self.d_conv,
+                                         self.in_proj.weight.dtype)
+
+    def fused_step_weights(self) -> dict[str, torch.Tensor | None]:
+        """This mixer's parameters as keyword arguments of :func:`kernels.mamba_decode.mamba1_decode_block`
+        (views, no copies; A = -exp(A_log) memoized as the op-by-op step has it)."""
+        return dict(in_proj_weight=self.in_proj.weight, conv_weight=self.conv1d.weight[:, 0],
+                    conv_bias=self.conv1d.bias, x_proj_weight=self.x_proj.weight,
+                    dt_proj_weight=self.dt_proj.weight, dt_bias=self.dt_proj.bias, A=ssm_A(self), D=self.D,
+                    out_proj_weight=self.out_proj.weight)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

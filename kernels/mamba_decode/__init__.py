@@ -1,0 +1,148 @@
+"""Fused decoding steps: one token through a whole Mamba-1 block in three kernels instead of seven.
+
+``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
+``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the
+semantics; the default off CUDA) or ``triton`` (``triton.py``; the default on CUDA). Inference only:
+the op has no autograd. ``core.cuda_graph.decode_step`` uses it for the blocks it can take
+(:func:`mamba1_decode_unsupported`), only where the triton backend is chosen
+(:func:`mamba1_decode_backend`), and runs the others op by op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kernels.dispatch import choose_backend
+from kernels.mamba_decode.reference import mamba1_decode_block_reference
+
+__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported"]
+
+OP = "mamba1_decode_block"
+
+
+def _mamba1_decode_block_triton(*args):
+    # Imported on first use: triton.jit decides between compiling and interpreting (TRITON_INTERPRET=1)
+    # when the kernels are defined, so a test session may turn the interpreter on after this import.
+    from kernels.mamba_decode.triton import mamba1_decode_block_triton
+    return mamba1_decode_block_triton(*args)
+
+
+_BLOCK = {"reference": mamba1_decode_block_reference}
+if importlib.util.find_spec("triton") is not None:  # machines without triton keep the reference backend
+    _BLOCK["triton"] = _mamba1_decode_block_triton
+
+
+def mamba1_decode_backend(device: torch.device | str) -> str:
+    """The backend :func:`mamba1_decode_block` runs for tensors on ``device`` (``triton`` on CUDA by
+    default; forced by ``SSM_SUITE_BACKEND_MAMBA1_DECODE_BLOCK`` or ``forced_backend``)."""
+    return choose_backend(OP, tuple(_BLOCK), torch.device(device))
+
+
+def mamba1_decode_unsupported(d_model: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int,
+                              dtype: torch.dtype) -> str | None:
+    """Why the fused kernels cannot take a Mamba-1 block of this shape and weight dtype; None when they
+    can (the reference backend takes every block)."""
+    if "triton" not in _BLOCK:
+        return "triton is not installed"
+    from kernels.mamba_decode.triton import unsupported
+    return unsupported(d_model, d_inner, d_state, dt_rank, d_conv, dtype)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias,
+           x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_sumsq) -> None:
+    def need(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        if t is not None and _shape(t) != shape:
+            raise ValueError(f"mamba1_decode_block: {name} must be {list(shape)}, got {list(_shape(t))}")
+
+    if x is None and residual is None:
+        raise ValueError("mamba1_decode_block: give x (the previous block's output), residual, or both")
+    if conv_state.dim() != 3 or conv_weight.dim() != 2 or A.dim() != 2:
+        raise ValueError(f"mamba1_decode_block: conv_state must be [B, d_inner, d_conv - 1], conv_weight "
+                         f"[d_inner, d_conv] and A [d_inner, d_state]; got {list(_shape(conv_state))}, "
+                         f"{list(_shape(conv_weight))}, {list(_shape(A))}")
+    batch = conv_state.shape[0]
+    d_inner, width = conv_weight.shape
+    d_state = A.shape[1]
+    d_model = norm_weight.shape[0]
+    if dt_proj_weight.dim() != 2:
+        raise ValueError(f"mamba1_decode_block: dt_proj_weight must be [d_inner, dt_rank], got "
+                         f"{list(_shape(dt_proj_weight))}")
+    dt_rank = dt_proj_weight.shape[1]
+    need("x", x, (batch, d_model))
+    need("residual", residual, (batch, d_model))
+    need("norm_weight", norm_weight, (d_model,))
+    need("in_proj_weight", in_proj_weight, (2 * d_inner, d_model))
+    need("conv_state", conv_state, (batch, d_inner, width - 1))
+    need("conv_bias", conv_bias, (d_inner,))
+    need("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner))
+    need("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank))
+    need("dt_bias", dt_bias, (d_inner,))
+    need("A", A, (d_inner, d_state))
+    need("D", D, (d_inner,))
+    need("out_proj_weight", out_proj_weight, (d_model, d_inner))
+    need("ssm_state", ssm_state, (batch, d_inner, d_state))
+    if residual_sumsq is not None:
+        if (residual_sumsq.dim() != 2 or residual_sumsq.shape[1] != batch
+                or residual_sumsq.dtype not in (torch.float32, torch.float64)):
+            raise ValueError(f"mamba1_decode_block: residual_sumsq must be float32 [P, B={batch}] (the previous "
+                             f"call's sumsq), got {residual_sumsq.dtype} {list(_shape(residual_sumsq))}")
+        if x is not None:
+            raise ValueError("mamba1_decode_block: residual_sumsq describes `residual` alone; with x given the "
+                             "stream is x + residual, so pass residual_sumsq=None")
+    weights = (in_proj_weight, conv_weight, x_proj_weight, dt_proj_weight, out_proj_weight)
+    if len({w.dtype for w in weights}) != 1:
+        raise ValueError("mamba1_decode_block: in_proj, conv, x_proj, dt_proj and out_proj weights must share "
+                         f"one dtype, got {[str(w.dtype) for w in weights]}")
+    tensors = [t for t in (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D,
+                           residual_sumsq, *weights) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"mamba1_decode_block: all tensors must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+
+
+@torch.no_grad()
+def mamba1_decode_block(
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    x: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    in_proj_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    out_proj_weight: torch.Tensor,
+    residual_dtype: torch.dtype | None = None,
+    residual_sumsq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of a pre-norm Mamba-1 block (``residual + Mamba1(RMSNorm(residual))``) for one
+    token per row; see ``reference.py`` for the semantics and shapes.
+
+    x: the previous block's output [B, d_model] not yet added to the stream (None when ``residual``
+    already holds it); residual: the stream [B, d_model] (None for the first block). conv_state
+    [B, d_inner, d_conv - 1] and ssm_state [B, d_inner, d_state] (float32) are updated in place.
+    residual_dtype: the stream's dtype (default: residual's, else x's). residual_sumsq: the previous
+    call's ``sumsq`` when x is None (lets the fused kernels skip a pass over the row).
+
+    Returns (residual_out [B, d_model] in residual_dtype, sumsq [P, B] float32: summed over P, the
+    squares of residual_out's rows).
+    """
+    _check(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias,
+           x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_sumsq)
+    if residual_dtype is None:
+        residual_dtype = residual.dtype if residual is not None else x.dtype
+    backend = mamba1_decode_backend(conv_state.device)
+    return _BLOCK[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
+                           conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
+                           residual_sumsq)

@@ -1,0 +1,95 @@
+"""One decoding step of a whole Mamba-1 block, composed from the existing ops: the semantics that the
+fused kernels (``triton.py``) reproduce.
+
+A pre-norm residual block ``residual + mixer(norm(residual))`` for one token per row, as
+``core.cuda_graph.decode_step`` runs it op by op:
+
+    r   = x + residual            (the previous block's output added to the stream, in residual_dtype;
+                                   x alone for the first block, residual alone when the previous
+                                   block's output is already in it)
+    h   = rms_norm(r) * norm_weight, rounded to the weights' dtype
+    x|z = in_proj(h)                                   [B, 2 d_inner]
+    x   = silu(causal_conv1d_step(x, conv_state))      conv_state updated in place
+    dt|B|C = x_proj(x)                                 [B, dt_rank + 2 d_state]
+    dt  = dt_proj(dt)      (weight only: its bias is the scan's dt_bias)
+    y   = selective_scan_step(ssm_state, x, dt, A, B, C, D, z, dt_bias, softplus)   ssm_state in place
+    out = out_proj(y)
+    residual_out = r + out        (in residual_dtype)
+
+Every linear map rounds its output to the weights' dtype (as ``F.linear`` does), the conv and the scan
+compute in float32 (float64 for float64 inputs) and round their outputs likewise, and the residual stream
+keeps ``residual_dtype`` (float32 with ``residual_in_fp32``). Shapes: x, residual [B, d_model]; weights
+as ``core.layers.mamba1.Mamba1`` holds them (in_proj [2 d_inner, d_model], conv [d_inner, d_conv],
+x_proj [dt_rank + 2 d_state, d_inner], dt_proj [d_inner, dt_rank], out_proj [d_model, d_inner]); A
+[d_inner, d_state] (= -exp(A_log)); D, dt_bias, conv_bias [d_inner]; conv_state [B, d_inner, d_conv - 1];
+ssm_state [B, d_inner, d_state].
+
+Besides ``residual_out`` [B, d_model] the step returns ``sumsq`` [P, B] float32, whose sum over its first
+axis is the sum of squares of each row of ``residual_out``: the next block's RMSNorm needs exactly that,
+and the fused kernels hand it over in P partial sums so that the next block does not re-read the row to
+get it. Here P = 1. A caller passes it on as the next call's ``residual_sumsq`` (this reference ignores
+it and recomputes the norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.causal_conv1d import causal_conv1d_step
+from kernels.norm import rms_norm
+from kernels.selective_scan import selective_scan_step
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def add_residual(x: torch.Tensor | None, residual: torch.Tensor | None,
+                 residual_dtype: torch.dtype) -> torch.Tensor:
+    """r = x + residual in residual_dtype (either may be None, not both), added in float32 (float64)."""
+    if x is None and residual is None:
+        raise ValueError("mamba1_decode_block: give x (the previous block's output), residual, or both")
+    if residual is None:
+        return x.to(residual_dtype)
+    if x is None:
+        return residual.to(residual_dtype)
+    acc = _acc(torch.promote_types(x.dtype, residual.dtype))
+    return (x.to(acc) + residual.to(acc)).to(residual_dtype)
+
+
+def mamba1_decode_block_reference(
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    x: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    in_proj_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    out_proj_weight: torch.Tensor,
+    residual_dtype: torch.dtype,
+    residual_sumsq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Mamba-1 block for one token per row (module docstring). conv_state and ssm_state are updated
+    in place. Returns (residual_out [B, d_model] residual_dtype, sumsq [1, B] float32 or float64)."""
+    del residual_sumsq  # an optimization of the fused kernels; the norm is recomputed here
+    r = add_residual(x, residual, residual_dtype)
+    h = rms_norm(r, norm_weight, norm_eps).to(in_proj_weight.dtype)
+    xs, z = F.linear(h, in_proj_weight).chunk(2, dim=-1)
+    xs = causal_conv1d_step(xs, conv_state, conv_weight, conv_bias, "silu")
+    d_state = A.shape[1]
+    dt_rank = dt_proj_weight.shape[1]
+    dt, B, C = F.linear(xs, x_proj_weight).split([dt_rank, d_state, d_state], dim=-1)
+    dt = F.linear(dt, dt_proj_weight)
+    y = selective_scan_step(ssm_state, xs, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    out = F.linear(y, out_proj_weight)
+    residual_out = add_residual(out, r, residual_dtype)
+    acc = _acc(residual_dtype)
+    return residual_out, residual_out.to(acc).square().sum(-1)[None]

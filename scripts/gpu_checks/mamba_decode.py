@@ -1,0 +1,494 @@
+"""GPU checks and benchmarks of the fused Mamba-1 decoding step (kernels/mamba_decode/triton.py).
+
+``run_checks()``:
+- the block step at mamba1-130m's shape (d_model 768, d_inner 1536, N 16, dt_rank 48) in bfloat16 and
+  float32 against the float64 reference (new stream, sums of squares, conv and SSM states), next to the
+  op-by-op bfloat16 step's own error, at batch 1, 3 (register GEMV tiles, x_proj partials), 5 and 64
+  (tl.dot tiles), for the three forms of the stream; bit-identical re-runs;
+- a random-init mamba1-130m (bf16, CUDA graphs): 64 teacher-forced steps, fused vs op-by-op logits
+  (relative error per step) and argmax, at batch 1 and 64; 64 greedy tokens of the fused graph decoder
+  against the op-by-op one, where a differing token is accepted only at a near-tie of the op-by-op
+  logits (top-2 gap under ``TIE``);
+- a batch whose SSM state passes 2^31 elements (64-bit offsets), rows at both ends against the
+  reference.
+
+``run_bench()``: one decoding step of mamba1-130m (CUDA-graph replay: embedding, 24 blocks, final norm,
+LM head) fused vs op by op, at batch 1 and 64, and one block step alone (graph of the op) with the bytes
+it must move (weights + states) and GB/s. ``--sweep`` also times the tile settings in ``SWEEP`` (each
+checked against the default tiles first).
+
+Run on the GPU machine:  PYTHONPATH=. python3 scripts/gpu_checks/mamba_decode.py [--sweep] [--generate]
+(``--generate`` then runs ``scripts/bench_generate.py --only throughput --presets mamba1-130m``, mamba_ssm
+beside it where importable). On a CPU, through the Triton interpreter at tiny shapes (same code paths):
+    PYTHONPATH=. python3 scripts/gpu_checks/mamba_decode.py --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # the repository root
+    if "--cpu-smoke" in sys.argv:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+
+import kernels.mamba_decode.triton as mdt  # noqa: E402
+from kernels.dispatch import forced_backend  # noqa: E402
+from kernels.mamba_decode import mamba1_decode_block  # noqa: E402
+from scripts.gpu_checks import check_row, compile_only_launches, graph_ms, nbytes, rel  # noqa: E402
+
+DEV = "cuda"
+SMOKE = False
+OP = "mamba1_decode_block"
+TIE = 0.05  # a greedy token may differ only where the op-by-op top-2 logits are closer than this
+SHAPE = dict(d_model=768, d_inner=1536, d_state=16, dt_rank=48, width=4)
+SMOKE_SHAPE = dict(d_model=32, d_inner=64, d_state=8, dt_rank=2, width=4)
+BATCHES = (1, 3, 5, 64)
+STEPS = 64
+LARGE_BATCH = 90_000  # x 1536 x 16 state elements > 2^31
+# Tile settings the sweep times: (batch, TILES override).
+SWEEP = [
+    (1, {"small": {**mdt.TILES["small"], "BC": 8}}),
+    (1, {"small": {**mdt.TILES["small"], "BN": 4}}),
+    (1, {"small": {**mdt.TILES["small"], "BN": 16, "BD": 16}}),
+    (1, {"small": {**mdt.TILES["small"], "part": False}}),
+    (1, {"small": {**mdt.TILES["small"], "elems": 8192}}),
+    (64, {"large": {**mdt.TILES["large"], "BC": 64}}),
+    (64, {"large": {**mdt.TILES["large"], "BB1": 32, "BB3": 16, "BN": 16}}),
+]
+
+
+def _shape() -> dict:
+    return SMOKE_SHAPE if SMOKE else SHAPE
+
+
+def block_args(batch: int, dtype: torch.dtype, stream: str = "res+ssq", seed: int = 0,
+               dims: dict | None = None) -> dict:
+    """Random block weights (the layer's init scales), states and stream on the device."""
+    d = dims or _shape()
+    dm, di, n, r, w = d["d_model"], d["d_inner"], d["d_state"], d["dt_rank"], d["width"]
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    args = dict(
+        conv_state=rnd(batch, di, w - 1).to(dtype), ssm_state=rnd(batch, di, n),
+        x=rnd(batch, dm).to(dtype), residual=2 * rnd(batch, dm),
+        norm_weight=(1 + 0.2 * rnd(dm)).to(dtype), norm_eps=1e-5,
+        in_proj_weight=(rnd(2 * di, dm) / dm**0.5).to(dtype), conv_weight=(rnd(di, w) / 2).to(dtype),
+        conv_bias=(0.1 * rnd(di)).to(dtype), x_proj_weight=(rnd(r + 2 * n, di) / di**0.5).to(dtype),
+        dt_proj_weight=(rnd(di, r) / r**0.5).to(dtype), dt_bias=0.5 * rnd(di) - 2,
+        A=-torch.exp(0.5 * rnd(di, n)), D=rnd(di), out_proj_weight=(rnd(dm, di) / di**0.5).to(dtype),
+        residual_dtype=torch.float32)
+    if stream == "x":
+        args["residual"] = None
+    elif stream == "res+ssq":
+        args["x"] = None
+        sq = args["residual"].square().sum(-1)
+        args["residual_sumsq"] = torch.stack([0.5 * sq, 0.5 * sq])
+    return args
+
+
+def _copy(args: dict, dtype: torch.dtype | None = None) -> dict:
+    out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone())
+           if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    if dtype is not None:
+        out["residual_dtype"] = dtype
+    return out
+
+
+def _stream(args: dict) -> torch.Tensor:
+    x, res = args["x"], args["residual"]
+    if x is None:
+        return res.double()
+    return x.double() if res is None else x.double() + res.double()
+
+
+def run_block(backend: str, args: dict) -> dict:
+    """Outputs of one block step: the block's output (new stream - stream), row sums of squares, states."""
+    args = _copy(args)
+    with forced_backend(backend, OP):
+        res_out, sumsq = mamba1_decode_block(**args)
+    return {"delta": res_out.double() - _stream(args), "sumsq": sumsq.double().sum(0),
+            "conv_state": args["conv_state"], "ssm_state": args["ssm_state"], "res_out": res_out}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+def _block_checks() -> list[dict]:
+    rows = []
+    keys = ("delta", "sumsq", "conv_state", "ssm_state")
+    for dtype, batches in ((torch.bfloat16, BATCHES), (torch.float32, (1, 64))):
+        for batch in batches:
+            for stream in (("x+res", "x", "res+ssq") if batch in (1, 64) else ("res+ssq",)):
+                args = block_args(batch, dtype, stream, seed=batch)
+                ours, op_by_op = run_block("triton", args), run_block("reference", args)
+                truth = run_block("reference", _copy(args, torch.float64))
+                err = max(rel(ours[k], truth[k]) for k in keys)
+                base = max(rel(op_by_op[k], truth[k]) for k in keys)
+                vs_op = max(rel(ours[k], op_by_op[k]) for k in keys)
+                tol = 3 * base + 1e-4 if dtype == torch.bfloat16 else 1e-5
+                rows.append(check_row(f"block step vs f64 ({stream})", (batch, *_shape().values()), dtype, err, None,
+                                      tol, note=f"op-by-op vs f64 {base:.1e}; ours vs op-by-op {vs_op:.1e}"))
+    args = block_args(64, torch.bfloat16, "x+res", seed=9)
+    first, second = run_block("triton", args), run_block("triton", args)
+    same = all(torch.equal(first[k], second[k]) for k in first)
+    rows.append(check_row("block step re-run bit-identical", (64,), torch.bfloat16, 0.0 if same else math.inf,
+                          None, 0.0))
+    return rows
+
+
+def _large_check() -> list[dict]:
+    """64-bit offsets: the SSM state of LARGE_BATCH rows passes 2^31 elements; rows at both ends."""
+    if SMOKE:
+        return []
+    d = SHAPE
+    need = LARGE_BATCH * d["d_inner"] * (d["d_state"] * 4 + (d["width"] - 1) * 2 + 3 * 2) * 1.3
+    free, _ = torch.cuda.mem_get_info()
+    if need > 0.8 * free:
+        return [check_row("2^31 state elements", (LARGE_BATCH,), torch.bfloat16, None, None, 0,
+                          note=f"skipped: needs {need / 2**30:.0f} GiB")]
+    args = block_args(LARGE_BATCH, torch.bfloat16, "x+res", seed=11)
+    assert args["ssm_state"].numel() > 2**31
+    picks = torch.tensor([0, 1, LARGE_BATCH - 2, LARGE_BATCH - 1], device=DEV)
+    small = {k: (v[picks].clone() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == LARGE_BATCH
+                 else v) for k, v in args.items()}
+    ours = run_block("triton", args)
+    del args
+    ref = run_block("reference", small)
+    err = max(rel(ours[k][picks], ref[k]) for k in ("conv_state", "ssm_state", "res_out"))
+    del ours
+    torch.cuda.empty_cache()
+    return [check_row("2^31 state elements (end rows)", (LARGE_BATCH, *SHAPE.values()), torch.bfloat16, err,
+                      None, 2e-2)]
+
+
+_MODELS: dict = {}
+
+
+def build_model():
+    """A random-init mamba1-130m in bfloat16 (mamba1-tiny in float32 for --cpu-smoke), built once."""
+    from core.backbone import CausalLM
+    from core.presets import get_preset
+
+    key = (DEV, SMOKE)
+    if key not in _MODELS:
+        torch.manual_seed(0)
+        preset = get_preset("mamba1-tiny") if SMOKE else get_preset("mamba1-130m")
+        dtype = torch.float32 if SMOKE else torch.bfloat16
+        with torch.device(DEV):  # initialized on the device: seconds less on the GPU machine
+            _MODELS[key] = CausalLM(preset).to(dtype).eval()
+    return _MODELS[key]
+
+
+@contextlib.contextmanager
+def _step_path(backend: str):
+    """decode_step with the fused block step (backend "triton") or the op-by-op one ("reference"), at
+    every batch size (decode_step's batch limit for the fused step lifted)."""
+    import core.cuda_graph as cuda_graph
+
+    limit = cuda_graph.FUSED_MAMBA1_MAX_BATCH
+    cuda_graph.FUSED_MAMBA1_MAX_BATCH = None
+    try:
+        with forced_backend(backend, OP):
+            yield
+    finally:
+        cuda_graph.FUSED_MAMBA1_MAX_BATCH = limit
+
+
+class _Runner:
+    """A CUDAGraphRunner whose step (captured, or run eagerly under --cpu-smoke) takes the fused block
+    step or the op-by-op one."""
+
+    def __init__(self, model, batch: int, length: int, fused: bool) -> None:
+        from core.cuda_graph import CUDAGraphRunner
+
+        self.backend = "triton" if fused else "reference"
+        with _step_path(self.backend):
+            self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
+        self.batch_size = batch
+
+    def begin(self, length: int):
+        return self.runner.begin(length)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        with _step_path(self.backend):
+            return self.runner.step(token)
+
+
+def _runner(model, batch: int, length: int, fused: bool) -> _Runner:
+    return _Runner(model, batch, length, fused)
+
+
+def _prefill(model, runner, batch: int, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (batch, 16), device=DEV, generator=gen)
+    with torch.no_grad():
+        return model(ids, cache=runner.begin(ids.shape[1] + STEPS + 2), num_last_tokens=1).logits[:, -1]
+
+
+def _model_checks() -> list[dict]:
+    rows = []
+    model = build_model()
+    steps = 8 if SMOKE else STEPS
+    for batch in ((2,) if SMOKE else (1, 64)):
+        fused, plain = _runner(model, batch, 16 + steps + 2, True), _runner(model, batch, 16 + steps + 2, False)
+        # Greedy with the op-by-op step; then both steps teacher-forced on its tokens.
+        logits = _prefill(model, plain, batch)
+        _prefill(model, fused, batch)
+        tokens = []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            tokens.append(token)
+            logits = plain.step(token).clone()
+        _prefill(model, plain, batch)
+        errs, agree, ties, untied = [], 0, 0, 0
+        for token in tokens:
+            a, b = fused.step(token).clone(), plain.step(token).clone()
+            errs.append(rel(a, b))
+            top2 = b.topk(2, dim=-1).values
+            same = a.argmax(-1) == b.argmax(-1)
+            agree += int(same.sum())
+            near_tie = (top2[:, 0] - top2[:, 1]) < TIE
+            ties += int((~same & near_tie).sum())
+            untied += int((~same & ~near_tie).sum())
+        total = batch * steps
+        dtype = next(model.parameters()).dtype
+        rows.append(check_row(f"mamba1-130m {steps} steps, fused vs op-by-op logits", (batch,), dtype,
+                              max(errs), None, 2e-2,
+                              note=f"mean {sum(errs) / len(errs):.1e}; argmax equal {agree}/{total}, differing at "
+                                   f"near-ties {ties}, elsewhere {untied}"))
+        rows.append(check_row(f"greedy tokens equal except at near-ties (< {TIE})", (batch,), dtype,
+                              float(untied), None, 0.0))
+        del fused, plain
+    return rows
+
+
+def run_checks() -> list[dict]:
+    return _block_checks() + _large_check() + _model_checks()
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------
+
+def _time_replays(runner, reps: int = 200) -> float:
+    """Milliseconds per step: median of 5 runs of ``reps`` graph replays (one token fed back)."""
+    if SMOKE:
+        start = time.perf_counter()
+        runner.step(torch.zeros(runner.batch_size, dtype=torch.long, device=DEV))
+        return (time.perf_counter() - start) * 1e3
+    runner = runner.runner
+    runner.input_ids.zero_()
+    for _ in range(10):
+        runner.graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            runner.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[2]
+
+
+def _block_bytes(args: dict) -> int:
+    weights = [args[k] for k in ("in_proj_weight", "conv_weight", "x_proj_weight", "dt_proj_weight",
+                                 "out_proj_weight", "norm_weight")]
+    states = [args["conv_state"], args["ssm_state"]]
+    return nbytes(*weights) + 2 * nbytes(*states)
+
+
+def _block_ms(backend: str, args: dict) -> float | None:
+    def go():
+        with forced_backend(backend, OP):
+            mamba1_decode_block(**args)
+    if SMOKE:
+        start = time.perf_counter()
+        go()
+        return (time.perf_counter() - start) * 1e3
+    return graph_ms(go)
+
+
+def _bench_rows(batches=(1, 64)):
+    """Yields the benchmark rows (a generator, so that a caller prints each as it comes)."""
+    model = build_model()
+    n_layers = len(model.backbone.layers)
+    for batch in ((2,) if SMOKE else batches):
+        times = {}
+        for fused in (True, False):
+            runner = _runner(model, batch, 64, fused)
+            _prefill(model, runner, batch)
+            times[fused] = _time_replays(runner)
+            del runner
+        yield {"kernel": f"decode step, {n_layers} blocks (fused / op-by-op)", "shape": f"batch {batch}",
+               "ours_fwd_ms": times[True], "baseline_fwd_ms": times[False], "ours_fwdbwd_ms": None,
+               "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
+        args = block_args(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
+        yield {"kernel": "one block step (fused / op-by-op)", "shape": f"batch {batch}",
+               "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("reference", args),
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
+
+
+def _sweep_rows(deadline: float | None):
+    """Yields one row per SWEEP setting: its step time, after checking it against the default tiles."""
+    model = build_model()
+    default = dict(mdt.TILES)
+    for batch, override in SWEEP:
+        if deadline is not None and time.time() > deadline:
+            yield {"kernel": f"sweep {override}", "shape": f"batch {batch}", "note": "skipped (budget)"}
+            continue
+        args = block_args(batch if not SMOKE else 2, torch.bfloat16 if not SMOKE else torch.float32, "x+res", seed=5)
+        want = run_block("triton", args)
+        mdt.TILES = {**default, **override}
+        try:
+            got = run_block("triton", args)
+            err = max(rel(got[k], want[k]) for k in ("delta", "conv_state", "ssm_state"))
+            runner = _runner(model, batch if not SMOKE else 2, 64, True)
+            _prefill(model, runner, runner.batch_size)
+            ms = _time_replays(runner)
+            del runner
+        finally:
+            mdt.TILES = default
+        changed = {k: v for group, tiles in override.items() for k, v in tiles.items() if default[group][k] != v}
+        yield {"kernel": f"sweep {changed}", "shape": f"batch {batch}", "ours_fwd_ms": ms,
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "note": f"vs default tiles {err:.1e}"}
+
+
+def run_bench(sweep: bool = False, deadline: float | None = None) -> list[dict]:
+    rows = list(_bench_rows())
+    if sweep:
+        rows += list(_sweep_rows(deadline))
+    return rows
+
+
+def precompile(checks: bool = True, sweep: bool = False) -> float:
+    """Compile the kernels of the checks and the benchmark in parallel threads (every Triton launch inside
+    only compiles, for the same specializations); returns the seconds spent."""
+    start = time.time()
+    model = build_model()
+    from core.cuda_graph import decode_step
+
+    def steps(batches, backends=("triton", "reference")):
+        for batch in batches:
+            for backend in backends:
+                cache = model.allocate_cache(batch, 8)
+                with _step_path(backend):
+                    decode_step(model, torch.zeros(batch, dtype=torch.long, device=DEV), cache)
+
+    with compile_only_launches():
+        steps((1, 64))
+        if checks:
+            for batch in BATCHES:
+                for dtype in (torch.bfloat16, torch.float32):
+                    for stream in ("x+res", "x", "res+ssq"):
+                        args = block_args(batch, dtype, stream)
+                        run_block("triton", args)
+                        run_block("reference", args)
+                        run_block("reference", _copy(args, torch.float64))
+            run_block("reference", block_args(4, torch.bfloat16, "x+res"))  # the 2^31 check's end rows
+        if sweep:
+            default = dict(mdt.TILES)
+            for batch, override in SWEEP:
+                mdt.TILES = {**default, **override}
+                try:
+                    steps((batch,), ("triton",))
+                    run_block("triton", block_args(batch, torch.bfloat16, "x+res"))
+                finally:
+                    mdt.TILES = default
+    return time.time() - start
+
+
+def _guarded(rows):
+    """The rows of a generator, ending with an error row (after its traceback) if it raises."""
+    try:
+        yield from rows
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        yield {"kernel": f"raised {type(error).__name__}: {error}"[:200], "shape": "-"}
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2e}" if isinstance(value, float) and value < 1e-2 and value != 0 else (
+        f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def main() -> None:
+    import argparse
+
+    global DEV, SMOKE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time the tile settings in SWEEP")
+    parser.add_argument("--budget", type=float, default=None, help="seconds; the sweep stops after it")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-large", action="store_true", help="leave out the 2^31-element check")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--generate", action="store_true",
+                        help="after the checks: scripts/bench_generate.py --only throughput --presets mamba1-130m")
+    parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
+    args = parser.parse_args()
+    start = time.time()
+    deadline = None if args.budget is None else start + args.budget
+    if args.cpu_smoke:
+        DEV, SMOKE = "cpu", True
+    print(f"torch {torch.__version__}, device: "
+          f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter)'}", flush=True)
+    if not SMOKE:
+        try:
+            print(f"precompiled in {precompile(not args.skip_checks, args.sweep and not args.skip_bench):.1f} s",
+                  flush=True)
+        except Exception:  # noqa: BLE001  (the real calls compile what they need)
+            traceback.print_exc()
+    if not args.skip_checks:
+        print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|", flush=True)
+        failed = 0
+        for group in (_block_checks, *(() if args.skip_large else (_large_check,)), _model_checks):
+            try:
+                rows = group()
+            except Exception as error:  # noqa: BLE001  (report it and go on)
+                traceback.print_exc()
+                rows = [check_row(f"{group.__name__} raised {type(error).__name__}: {error}"[:200], "-", "-",
+                                  math.inf, None, 0.0)]
+            for row in rows:
+                failed += not row["pass"]
+                print(f"| {row['name']} | {row['shape']} | {row['dtype']} | {_fmt(row['err_fwd'])} | "
+                      f"{'PASS' if row['pass'] else 'FAIL'} | {row['note']} |", flush=True)
+        print(f"checks: {failed} failed ({time.time() - start:.0f} s)", flush=True)
+    if args.generate:
+        import scripts.bench_generate as bench_generate
+
+        # (it reports a failing row in its table and goes on)
+        bench_generate.main(["--only", "throughput", "--presets", "mamba1-tiny" if SMOKE else "mamba1-130m"]
+                            + (["--quick", "--batches", "1", "2"] if SMOKE else []))
+        print(f"generate done ({time.time() - start:.0f} s)", flush=True)
+    if args.skip_bench:
+        return
+    print("\n| what | shape | fused ms | op-by-op ms | op-by-op / fused | GB/s (fused) | note |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    rows = _bench_rows()
+    if args.sweep:
+        rows = itertools.chain(rows, _sweep_rows(deadline))
+    for row in _guarded(rows):
+        ours, base = row.get("ours_fwd_ms"), row.get("baseline_fwd_ms")
+        ratio = f"{base / ours:.2f}x" if ours and base else "-"
+        gbps = f"{row['bytes_fwd'] / (ours * 1e-3) / 1e9:.0f}" if ours and row.get("bytes_fwd") else "-"
+        print(f"| {row['kernel']} | {row['shape']} | {_fmt(ours)} | {_fmt(base)} | {ratio} | {gbps} | "
+              f"{row.get('note', '')} |", flush=True)
+    print(f"bench done ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""decode_step with the fused Mamba-1 block step (kernels.mamba_decode, Triton through
+TRITON_INTERPRET=1 on CPU) against the op-by-op step it replaces: logits and states over several
+teacher-forced steps (pure Mamba-1, a hybrid whose fused blocks hand the stream to attention / MLP
+blocks and back, a bfloat16 stream, bfloat16 weights), greedy tokens through the graph decoder's code
+path, and which blocks take the fused path (Jamba's inner norms, biases and float64 fall back; CPU
+without a forced backend keeps the op-by-op step)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import core.cuda_graph as cuda_graph  # noqa: E402
+from core.backbone import CausalLM  # noqa: E402
+from core.config import AttentionConfig, Mamba1Config, ModelConfig  # noqa: E402
+from core.cuda_graph import CUDAGraphDecoder, decode_step, decode_step_path, fused_mamba1_blocks  # noqa: E402
+from core.generate import generate  # noqa: E402
+from kernels.dispatch import forced_backend  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+OP = "mamba1_decode_block"
+
+
+def config(pattern: str, **overrides) -> ModelConfig:
+    values = dict(d_model=32, pattern=pattern, vocab_size=61, mamba1=Mamba1Config(d_state=8),
+                  attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=True))
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> CausalLM:
+    torch.manual_seed(0)
+    model = CausalLM(cfg).to(DEVICE, dtype).eval()
+    with torch.no_grad():  # D = 1 and tiny conv biases at init; random ones exercise more of the step
+        for block in model.backbone.layers:
+            if hasattr(block.mixer, "D"):
+                block.mixer.D.normal_()
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def teacher_forced(model: CausalLM, batch: int, steps: int, fused: bool):
+    """Prefill 5 tokens, then ``steps`` decode steps on fixed tokens; (logits [steps, B, V], cache)."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 61, (batch, 5), device=DEVICE)
+    tokens = torch.randint(0, 61, (steps, batch), device=DEVICE)
+    cache = model.allocate_cache(batch, 5 + steps)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    with forced_backend("triton" if fused else "reference", OP):
+        logits = torch.stack([decode_step(model, token, cache) for token in tokens])
+    return logits, cache
+
+
+@pytest.mark.parametrize("pattern,batch,overrides", [
+    ("SS", 2, {}),
+    ("S*S-", 3, {}),  # fused blocks hand the stream to attention / MLP blocks and take it back
+    ("-SS", 17, {}),  # the first block is not fused; tl.dot tiles (past the default batch limit)
+    ("SS", 2, {"residual_in_fp32": False}),  # a stream in the model dtype
+], ids=["mamba1", "hybrid", "mlp-first-dot", "stream-in-model-dtype"])
+def test_fused_step_equals_op_by_op_step(pattern, batch, overrides, monkeypatch):
+    monkeypatch.setattr(cuda_graph, "FUSED_MAMBA1_MAX_BATCH", None)
+    model = build(config(pattern, **overrides))
+    assert fused_mamba1_blocks(model, batch) == [False] * len(pattern)  # CPU default: op by op
+    with forced_backend("triton", OP):
+        assert fused_mamba1_blocks(model, batch) == [c == "S" for c in pattern]
+        assert decode_step_path(model, batch).startswith("fused Mamba-1 step")
+    fused, cache_f = teacher_forced(model, batch, 3, fused=True)
+    plain, cache_p = teacher_forced(model, batch, 3, fused=False)
+    assert rel(fused, plain) < 1e-5
+    for layer_f, layer_p, char in zip(cache_f.layers, cache_p.layers, pattern):
+        if char == "S":
+            assert rel(layer_f.ssm_state, layer_p.ssm_state) < 1e-5
+            assert rel(layer_f.conv_state, layer_p.conv_state) < 1e-5
+    assert cache_f.seqlen_offset == cache_p.seqlen_offset == 8
+
+
+def test_bfloat16_model():
+    """bfloat16 weights: the fused step rounds where the op-by-op step rounds (on CPU too, by hand)."""
+    model = build(config("SS"), torch.bfloat16)
+    fused, _ = teacher_forced(model, 2, 3, fused=True)
+    plain, _ = teacher_forced(model, 2, 3, fused=False)
+    assert rel(fused, plain) < 1e-3
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+def test_greedy_tokens_through_the_graph_code_path():
+    """The graph decoder's static-buffer step (run eagerly here) with the fused blocks gives eager
+    op-by-op generate's tokens."""
+    model = build(config("SS"))
+    prompts = [[5, 9, 2, 7, 1], [4], [11, 6, 2]]
+    eager = generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=False)
+    with forced_backend("triton", OP):
+        graphed = generate(model, prompts, max_new_tokens=6, temperature=0,
+                           cuda_graph=CUDAGraphDecoder(model, capture=False))
+    assert graphed.sequences() == eager.sequences()
+
+
+def test_batch_limit(monkeypatch):
+    """Past FUSED_MAMBA1_MAX_BATCH rows decode_step runs op by op (the H100 measured the op-by-op step
+    faster at batch 64); None lifts the limit."""
+    model = build(config("SS"))
+    limit = cuda_graph.FUSED_MAMBA1_MAX_BATCH
+    with forced_backend("triton", OP):
+        assert fused_mamba1_blocks(model, limit) == [True, True]
+        assert fused_mamba1_blocks(model, limit + 1) == [False, False]
+        assert decode_step_path(model, 64) == "op by op (fused add+norm)"
+        # The step itself follows the rule: past the limit it equals the op-by-op step bit for bit.
+        forced, _ = teacher_forced(model, limit + 1, 1, fused=True)
+        monkeypatch.setattr(cuda_graph, "FUSED_MAMBA1_MAX_BATCH", None)
+        assert fused_mamba1_blocks(model, 64) == [True, True]
+    plain, _ = teacher_forced(model, limit + 1, 1, fused=False)
+    assert torch.equal(forced, plain)
+
+
+def test_blocks_the_fused_step_cannot_take_run_op_by_op():
+    jamba = build(config("S-S", mamba1=Mamba1Config(d_state=8, inner_norms=True)))
+    biased = build(config("SS", mamba1=Mamba1Config(d_state=8, bias=True)))
+    double = build(config("SS"), torch.float64)
+    with forced_backend("triton", OP):
+        assert fused_mamba1_blocks(jamba) == [False, False, False]
+        assert "inner norms" in jamba.backbone.layers[0].mixer.fused_step_unsupported()
+        assert fused_mamba1_blocks(biased) == [False, False]
+        assert "biases" in biased.backbone.layers[0].mixer.fused_step_unsupported()
+        assert fused_mamba1_blocks(double) == [False, False]
+        assert decode_step_path(double) == "op by op (fused add+norm)"
+        # They still decode (op by op), equal to the reference backend's run.
+        forced, _ = teacher_forced(jamba, 2, 2, fused=True)
+    plain, _ = teacher_forced(jamba, 2, 2, fused=False)
+    assert torch.equal(forced, plain)
