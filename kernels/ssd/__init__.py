@@ -5,12 +5,17 @@ The public functions check shapes and pick a backend through :mod:`kernels.dispa
 ``chunked`` (the SSD block decomposition, ``chunked.py``; the default on CPU) or ``triton`` (the GPU
 kernels, ``triton.py``; the default on CUDA). ``reference.py`` also
 holds the quadratic (attention-like) form, ``ssd_quadratic``, used by the tests.
+
+The ``triton`` backend has two designs: ``triton.py`` (the default, verified on an H100) and
+``triton_fused.py`` (fused state walks, lighter backward kernels; chosen with the environment variable
+``SSM_SUITE_SSD_TRITON=fused`` until a GPU run of ``scripts/gpu_checks/ssd.py`` has verified it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from numbers import Real
 
 import torch
@@ -25,10 +30,20 @@ _FORWARD = {"reference": ssd_reference, "chunked": ssd_chunked}
 _STEP = {"reference": ssd_step_reference}
 
 
+_TRITON_DESIGNS = ("", "first", "fused")  # SSM_SUITE_SSD_TRITON: "" and "first" run triton.py
+
+
 def _ssd_triton(*args):
     # Imported on first use, not with this package: triton.jit decides between compiling and
     # interpreting (TRITON_INTERPRET=1) when the kernels are defined, so defining them late lets a
     # test session turn the interpreter on after this package was imported.
+    design = os.environ.get("SSM_SUITE_SSD_TRITON", "")
+    if design not in _TRITON_DESIGNS:
+        raise ValueError(f"SSM_SUITE_SSD_TRITON is {design!r}; choose one of {_TRITON_DESIGNS[1:]} "
+                         f"(or leave it unset)")
+    if design == "fused":
+        from kernels.ssd.triton_fused import ssd_triton_fused
+        return ssd_triton_fused(*args)
     from kernels.ssd.triton import ssd_triton
     return ssd_triton(*args)
 

@@ -752,6 +752,16 @@ def ssd_triton(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SSD through the Triton kernels; arguments and results as :func:`kernels.ssd.reference.ssd_reference`."""
+    return run_layout(ssd_scan_fwd, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+                      initial_state, return_final_state, cu_seqlens)
+
+
+def run_layout(forward_op, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
+               return_final_state, cu_seqlens, check_grid=None):
+    """What both Triton designs do around their forward custom op: float64 to the exact chunked path,
+    the limit checks, packed sequences laid out chunk-aligned (``_layout``) and the outputs put back.
+    ``forward_op(x, dt, A, B, C, D, z, dt_bias, initial_state, meta, T, nseq, dt_softplus, dt_min,
+    dt_max)`` returns ``(y, final, *saved)``; ``check_grid(batch, H, G, T, P, N)`` adds a design's limits."""
     if x.dtype == torch.float64:  # the kernels compute in float32; float64 keeps its exact path
         from kernels.ssd.chunked import ssd_chunked
         return ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
@@ -759,6 +769,8 @@ def ssd_triton(
     batch, seqlen, H, P = x.shape
     _check_limits("ssd", P, B.shape[3])
     T = chunk_len(chunk_size)
+    if check_grid is not None:
+        check_grid(batch, H, B.shape[2], T, P, B.shape[3])
     nseq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     meta, dest, padded = _layout(seqlen, T, batch, cu_seqlens, x.device)
 
@@ -770,7 +782,7 @@ def ssd_triton(
         return t.contiguous()
 
     c = (lambda t: None if t is None else t.contiguous())
-    y, final, _, _, _ = ssd_scan_fwd(
+    y, final, *_ = forward_op(
         lay(x), lay(dt), c(A), lay(B), lay(C), c(D), lay(z), c(dt_bias), c(initial_state), meta, T, nseq,
         dt_softplus, float(dt_limit[0]), float(dt_limit[1]))
     if dest is not None:

@@ -1,44 +1,86 @@
-"""GPU checks and timings for SSD's Triton backend (kernels/ssd/triton.py).
+"""GPU checks and benchmarks of SSD's Triton backend, both designs: ``first`` (kernels/ssd/triton.py,
+the default) and ``fused`` (kernels/ssd/triton_fused.py, opt-in until this module's checks pass for it
+on a GPU; then it can become the default).
 
-``run_checks()``: the Triton forward and backward at real shapes against the chunked PyTorch form run in
-float64 on the GPU (itself tested against the sequential reference on CPU), with packed sequences,
-initial/final states, a >2^31-element input (64-bit offsets), the step kernel, and bit-identical
-gradients on re-run. ``run_bench()``: forward and forward+backward times against mamba_ssm's
-``mamba_chunk_scan_combined`` (when importable) at the target shapes.
+``run_checks()``: each design's forward and backward at real shapes against the chunked PyTorch form run
+in float64 on the GPU (itself tested against the sequential reference on CPU): y, the final state and
+every gradient (x, dt, A, B, C, D, z, dt_bias, initial_state), with packed sequences (an empty one
+included), initial/final states, fp32 / bf16 / fp16, the limit sizes (P=128, N=256), L=1, the Mamba-2
+layer's call (no z), the long-L benchmark shape at an odd length, bit-identical gradients on re-run, an
+input past 2^31 elements (64-bit offsets, forward and backward), and the one-token step.
 
-Run directly on the GPU machine: ``python -m scripts.gpu_checks.ssd`` (prints both tables).
+``run_bench()``: forward and forward+backward of each design against mamba_ssm's
+``mamba_chunk_scan_combined`` (when importable) at the target shapes, with the fewest bytes each pass
+must move. ``run_sweep()`` times the launch settings of the fused design (module attributes of
+triton_fused.py) one at a time, each checked against the default settings' outputs and gradients at the
+same inputs. ``profile()`` prints the per-kernel times.
+
+Run directly on the GPU machine (kernels compiled in parallel up front, mamba_ssm's autotuned ones too):
+    PYTHONPATH=.:/tmp/site python3 scripts/gpu_checks/ssd.py [--sweep] [--profile] [--budget SECONDS]
+and on a CPU through the Triton interpreter at tiny shapes (the same code paths, before a GPU call):
+    PYTHONPATH=. python3 scripts/gpu_checks/ssd.py --cpu-smoke
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
+import time
+from pathlib import Path
 
-import torch
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # the repository root
+    if "--cpu-smoke" in sys.argv:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-from kernels.ssd import triton as sst
-from kernels.ssd.chunked import ssd_chunked
-from kernels.ssd.reference import ssd_step_reference
+import torch  # noqa: E402
 
+from kernels.ssd import triton as sst  # noqa: E402
+from kernels.ssd import triton_fused as ssf  # noqa: E402
+from kernels.ssd.chunked import ssd_chunked  # noqa: E402
+from kernels.ssd.reference import ssd_step_reference  # noqa: E402
+from scripts.gpu_checks import bench_ms, compile_only_launches, nbytes, rel  # noqa: E402
+
+DEV = "cuda"
+SMOKE = False  # --cpu-smoke: CPU tensors, tiny shapes, the interpreter
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+DESIGNS = {"fused": ssf.ssd_triton_fused, "first": sst.ssd_triton}
+
+# (batch, L, H, P, G, N): the real shapes and the --cpu-smoke stand-ins (same code paths). Every
+# distinct dtype / option set / divisibility of the sizes is one more compilation of six kernels (seconds
+# each on a cold machine), so the checks share the benchmark's where they can.
+SHAPES = {
+    "fp32_groups": ((2, 1000, 8, 64, 2, 128), (2, 40, 4, 16, 2, 32)),
+    "limits": ((1, 4097, 4, 128, 4, 256), (1, 33, 4, 32, 4, 64)),
+    "l1": ((2, 1, 4, 64, 1, 64), (2, 1, 2, 16, 1, 16)),
+    "varlen": ((1, 2560, 24, 64, 1, 128), (1, 60, 4, 16, 1, 16)),
+    "layer": ((8, 2048, 24, 64, 1, 128), (2, 48, 4, 16, 1, 16)),
+    "long": ((2, 16384, 32, 64, 1, 128), (1, 80, 4, 16, 1, 16)),
+    "long_odd": ((2, 16383, 32, 64, 1, 128), (1, 77, 4, 16, 1, 16)),
+    "large": ((5, 262144, 32, 64, 1, 64), (3, 40, 2, 16, 1, 16)),
+}
+VARLEN_CU = ([0, 100, 100, 1100, 1101, 2047, 2560], [0, 7, 7, 30, 31, 45, 60])  # an empty sequence too
+BENCH = [("mamba2 130m shape, z", "layer", True), ("long L, z", "long", True),
+         ("Mamba-2 layer call (no z)", "layer", False)]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def _shape(key: str) -> tuple:
+    return SHAPES[key][1 if SMOKE else 0]
 
 
-def _inputs(batch, L, H, P, G, N, dtype, states=None, init=True, D_per_dim=False, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def _inputs(batch, L, H, P, G, N, dtype, states=None, init=True, D_per_dim=False, z=True, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=DEV) * scale).to(dtype)
 
     return dict(
         x=randn(batch, L, H, P), dt=randn(batch, L, H) - 2.0,  # dt ~ softplus(N(-2, 1)): Mamba-2-like steps
-        A=-(torch.rand(H, generator=gen, device="cuda") * 15 + 1),
+        A=-(torch.rand(H, generator=gen, device=DEV) * 15 + 1),
         B=randn(batch, L, G, N), C=randn(batch, L, G, N),
-        D=randn(H, P) if D_per_dim else randn(H).float(), z=randn(batch, L, H, P),
+        D=randn(H, P) if D_per_dim else randn(H).float(), z=randn(batch, L, H, P) if z else None,
         dt_bias=randn(H, scale=0.5).float(),
         initial_state=randn(batch if states is None else states, H, P, N).float() if init else None,
     )
@@ -49,191 +91,468 @@ def _call(fn, i, chunk=256, **kw):
               dt_softplus=True, initial_state=i["initial_state"], return_final_state=True, **kw)
 
 
-def _check_scan(name, shape, dtype, cu=None, states=None, D_per_dim=False, tol=None):
-    batch, L, H, P, G, N = shape
-    i = _inputs(batch, L, H, P, G, N, dtype, states=states, D_per_dim=D_per_dim)
+def _fwd_bwd(fn, i, names, gy, gf, **kw):
+    y, f = _call(fn, i, **kw)
+    grads = torch.autograd.grad((y * gy.to(y.dtype)).sum() + (f * gf.to(f.dtype)).sum(), [i[k] for k in names])
+    return y, f, grads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_scan(design, name, key, dtype, cu=None, states=None, D_per_dim=False, z=True, init=True, tol=None):
+    batch, L, H, P, G, N = _shape(key)
+    i = _inputs(batch, L, H, P, G, N, dtype, states=states, D_per_dim=D_per_dim, z=z, init=init)
     names = [k for k in NAMES if i[k] is not None]
     for k in names:
         i[k].requires_grad_(True)
-    ref = {k: i[k].detach().double().requires_grad_(True) for k in names}
-    ref.update({k: None for k in NAMES if i[k] is None})
-    y, f = _call(sst.ssd_triton, i, cu_seqlens=cu)
+    ref = {k: None if i[k] is None else i[k].detach().double().requires_grad_(True) for k in NAMES}
     y_ref, f_ref = _call(ssd_chunked, ref, chunk=64, cu_seqlens=cu)
     gy, gf = torch.randn_like(y_ref), torch.randn_like(f_ref)
-    grads = torch.autograd.grad((y * gy.to(y.dtype)).sum() + (f * gf.float()).sum(), [i[k] for k in names])
-    y2, f2 = _call(sst.ssd_triton, i, cu_seqlens=cu)
-    grads2 = torch.autograd.grad((y2 * gy.to(y.dtype)).sum() + (f2 * gf.float()).sum(), [i[k] for k in names])
     grads_ref = torch.autograd.grad((y_ref * gy).sum() + (f_ref * gf).sum(), [ref[k] for k in names])
-    fwd = max(_rel(y, y_ref), _rel(f, f_ref))
-    bwd = {k: _rel(g, r) for k, g, r in zip(names, grads, grads_ref)}
-    deterministic = all(torch.equal(a, b) for a, b in zip(grads, grads2))
-    finite = all(torch.isfinite(g).all().item() for g in grads)
-    tol = tol or (5e-3 if dtype == torch.float32 else 2e-2)  # float32: tf32 matrix products
+    y, f, grads = _fwd_bwd(DESIGNS[design], i, names, gy, gf, cu_seqlens=cu)
+    _, _, grads2 = _fwd_bwd(DESIGNS[design], i, names, gy, gf, cu_seqlens=cu)
+    err_fwd = max(rel(y, y_ref), rel(f, f_ref))
+    bwd = {k: rel(g, r) for k, g, r in zip(names, grads, grads_ref)}
     worst = max(bwd, key=bwd.get)
-    ok = fwd < tol and bwd[worst] < tol and deterministic and finite
-    return dict(name=name, shape=str(shape) + (f" cu={cu.tolist()}" if cu is not None else ""),
-                dtype=str(dtype).replace("torch.", ""), fwd_rel=fwd, bwd_rel=bwd[worst], worst_grad=worst,
-                deterministic=deterministic, passed=ok)
+    deterministic = all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    tol = tol or (5e-3 if dtype == torch.float32 else 2e-2)  # float32: tf32 matrix products
+    if SMOKE:
+        tol = 1e-4 if dtype == torch.float32 else tol
+    ok = err_fwd <= tol and bwd[worst] <= tol and deterministic  # rel() is inf on NaN/Inf
+    shape = str(_shape(key)) + (f" cu={cu.tolist()}" if cu is not None else "")
+    return dict(name=f"[{design}] {name}", shape=shape,
+                dtype=str(dtype).replace("torch.", ""), err_fwd=err_fwd, err_bwd=bwd[worst], **{"pass": ok},
+                note=f"worst grad {worst}; " + ("bit-identical re-run" if deterministic else "NOT DETERMINISTIC"))
 
 
-def _check_large_offsets():
-    """x with more than 2^31 elements: the last row must equal that row run alone (small offsets)."""
-    batch, L, H, P, G, N = 5, 262144, 32, 64, 1, 64  # 5 * 2^18 * 2048 = 2.7e9 elements of x
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(batch, L, H, P, generator=gen, device="cuda", dtype=torch.bfloat16)
-    dt = torch.randn(batch, L, H, generator=gen, device="cuda", dtype=torch.bfloat16) - 2
-    A = -torch.rand(H, device="cuda") * 4 - 1
-    B = torch.randn(batch, L, G, N, generator=gen, device="cuda", dtype=torch.bfloat16)
-    C = torch.randn(batch, L, G, N, generator=gen, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        y, f = sst.ssd_triton(x, dt, A, B, C, 256, dt_softplus=True, return_final_state=True)
-        y1, f1 = sst.ssd_triton(x[-1:].clone(), dt[-1:].clone(), A, B[-1:].clone(), C[-1:].clone(), 256,
-                                dt_softplus=True, return_final_state=True)
-    err = max(_rel(y[-1:], y1), _rel(f[-1:], f1))
-    del x, y, B, C
-    torch.cuda.empty_cache()
-    return dict(name="64-bit offsets (fwd, last row vs alone)", shape=str((batch, L, H, P, G, N)),
-                dtype="bfloat16", fwd_rel=err, bwd_rel=float("nan"), worst_grad="-", deterministic=True,
-                passed=err < 1e-6)
+def _check_large_offsets(design: str):
+    """x with more than 2^31 elements (forward and backward): the last row must equal that row run alone
+    (whose offsets are small). z, D and dt_bias left out to keep the memory near 30 GB."""
+    batch, L, H, P, G, N = _shape("large")
+    i = _inputs(batch, L, H, P, G, N, torch.bfloat16, init=False, z=False, seed=1)
+    i.update(D=None, dt_bias=None)
+    names = ["x", "dt", "B", "C"]
+    for k in names:
+        i[k].requires_grad_(True)
+    gy = torch.randn(1, L, H, P, device=DEV, dtype=torch.bfloat16)
+    y, f = _call(DESIGNS[design], i)
+    dx, ddt, dB, dC = torch.autograd.grad(y[-1:], [i[k] for k in names], gy)
+    last = {k: None if v is None or k not in names else v[-1:].detach().clone().requires_grad_(True)
+            for k, v in i.items()}
+    last["A"] = i["A"]
+    y1, f1 = _call(DESIGNS[design], last)
+    grads1 = torch.autograd.grad(y1, [last[k] for k in names], gy)
+    err_fwd = max(rel(y[-1:], y1), rel(f[-1:], f1))
+    err_bwd = max(rel(g[-1:], g1) for g, g1 in zip((dx, ddt, dB, dC), grads1))
+    del i, y, f, dx, ddt, dB, dC
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    # The forward runs the same arithmetic for the row either way; the backward's dB/dC partial sums
+    # may split the heads differently at another batch size (rounding-level differences).
+    return dict(name=f"[{design}] 64-bit offsets (last row vs alone)", shape=str((batch, L, H, P, G, N)),
+                dtype="bfloat16", err_fwd=err_fwd, err_bwd=err_bwd, **{"pass": err_fwd <= 1e-6 and err_bwd <= 1e-2},
+                note=f"x has {batch * L * H * P:.2e} elements")
 
 
 def _check_step():
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        batch, H, P, G, N = 16, 32, 64, 2, 128
-        x, z = torch.randn(batch, H, P, device="cuda").to(dtype), torch.randn(batch, H, P, device="cuda").to(dtype)
-        dt = torch.randn(batch, H, device="cuda").to(dtype)
-        B, C = (torch.randn(batch, G, N, device="cuda").to(dtype) for _ in range(2))
-        A, D, bias = -torch.rand(H, device="cuda") * 8, torch.randn(H, device="cuda"), torch.randn(H, device="cuda")
-        state = torch.randn(batch, H, P, N, device="cuda")
+        batch, H, P, G, N = (16, 32, 64, 2, 128) if not SMOKE else (2, 4, 16, 2, 16)
+        x, z = (torch.randn(batch, H, P, device=DEV).to(dtype) for _ in range(2))
+        dt = torch.randn(batch, H, device=DEV).to(dtype)
+        B, C = (torch.randn(batch, G, N, device=DEV).to(dtype) for _ in range(2))
+        A, D, bias = -torch.rand(H, device=DEV) * 8, torch.randn(H, device=DEV), torch.randn(H, device=DEV)
+        state = torch.randn(batch, H, P, N, device=DEV)
         state_ref = state.double()
         y = sst.ssd_step_triton(state, x, dt, A, B, C, D, z, bias, True)
         y_ref = ssd_step_reference(state_ref, x.double(), dt.double(), A.double(), B.double(), C.double(),
                                    D.double(), z.double(), bias.double(), True)
-        err = max(_rel(y, y_ref), _rel(state, state_ref))
+        err = max(rel(y, y_ref), rel(state, state_ref))
         rows.append(dict(name="ssd_step", shape=str((batch, H, P, G, N)), dtype=str(dtype).replace("torch.", ""),
-                         fwd_rel=err, bwd_rel=float("nan"), worst_grad="-", deterministic=True,
-                         passed=err < (1e-4 if dtype == torch.float32 else 1e-2)))
+                         err_fwd=err, err_bwd=None, **{"pass": err <= (1e-4 if dtype == torch.float32 else 1e-2)},
+                         note=""))
     return rows
 
 
-def run_checks() -> list[dict]:
+def _check_cases(gpu_short: bool = False):
+    """(name, shape key, dtype, options). ``gpu_short``: the set for a short GPU lease (L = 1 and the
+    odd-length / group cases it drops stay covered by the CPU tests)."""
+    cu = torch.tensor(VARLEN_CU[1 if SMOKE else 0], device=DEV)
+    cases = [
+        ("layer call, z", "layer", torch.bfloat16, {"init": False}),
+        ("layer call (no z)", "layer", torch.bfloat16, {"z": False, "init": False}),
+        ("long L, odd length, initial states", "long_odd", torch.bfloat16, {}),
+        ("varlen (an empty sequence), initial states", "varlen", torch.bfloat16, {"cu": cu, "states": cu.numel() - 1}),
+        ("D [H, P], 2 groups", "fp32_groups", torch.float32, {"D_per_dim": True}),
+        ("limit sizes", "limits", torch.float16, {}),
+    ]
+    if not gpu_short:
+        cases.append(("L = 1", "l1", torch.float32, {}))
+    return cases
+
+
+def run_checks(large: bool = True, gpu_short: bool = False, on_row=None, designs: tuple[str, ...] = ("fused", "first"),
+               large_designs: tuple[str, ...] = ("fused",)) -> list[dict]:
+    """The check rows; ``on_row(row)`` is called as each one completes (a cut-off run still reports).
+    The >2^31-element check (about 30 GB) runs for ``large_designs`` (the first design passed it on an
+    H100 before the second existed)."""
     rows = []
-    cu = torch.tensor([0, 100, 1100, 1101, 2047, 2500], device="cuda")
-    for name, shape, dtype, kw in [
-        ("scan", (2, 2047, 24, 64, 1, 128), torch.bfloat16, {}),
-        ("scan", (2, 1000, 8, 64, 2, 128), torch.float32, {"D_per_dim": True}),
-        ("scan", (1, 4097, 4, 128, 4, 256), torch.float16, {}),
-        ("scan", (2, 1, 4, 64, 1, 64), torch.float32, {}),
-        ("scan varlen", (1, 2500, 16, 64, 2, 128), torch.bfloat16, {"cu": cu, "states": 5}),
-    ]:
-        rows.append(_check_scan(name, shape, dtype, **kw))
-    saved = sst.MAX_CHUNK
-    sst.MAX_CHUNK = 128  # the 128-token chunk variant (tiles twice as large) must be right too
-    try:
-        rows.append(_check_scan("scan (T=128)", (2, 2047, 24, 64, 1, 128), torch.bfloat16))
-    finally:
-        sst.MAX_CHUNK = saved
-    rows += _check_step()
-    rows.append(_check_large_offsets())
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for design in designs:
+        for name, key, dtype, kw in _check_cases(gpu_short):
+            add(_check_scan(design, name, key, dtype, **kw))
+    for row in _check_step():
+        add(row)
+    if large and (SMOKE or torch.cuda.get_device_properties(0).total_memory > 60e9):
+        for design in large_designs:
+            add(_check_large_offsets(design))
     return rows
 
 
-def _bench_one(shape, dtype=torch.bfloat16, chunk=256):
-    import triton
+# ----------------------------------------------------------------------------------------------------
+# Benchmarks
 
-    batch, L, H, P, G, N = shape
-    i = _inputs(batch, L, H, P, G, N, dtype, init=False)
-    for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias"):
-        i[k].requires_grad_(True)
-    gy = torch.randn(batch, L, H, P, device="cuda", dtype=dtype)
 
-    def ours():
-        return sst.ssd_triton(i["x"], i["dt"], i["A"], i["B"], i["C"], chunk, D=i["D"], z=i["z"],
-                              dt_bias=i["dt_bias"], dt_softplus=True)
+def _time(fn) -> float:
+    if SMOKE:  # one call: the number means nothing, the code path is what is tested
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return bench_ms(fn)
 
-    def fb(fn):
-        def run():
-            y = fn()
-            torch.autograd.backward(y, gy)
-        return run
 
-    rows = {}
-    with torch.no_grad():
-        rows["ours_fwd_ms"] = triton.testing.do_bench(ours, warmup=50, rep=300, return_mode="median")
-    rows["ours_fwdbwd_ms"] = triton.testing.do_bench(fb(ours), warmup=50, rep=300, return_mode="median",
-                                                     grad_to_none=[i[k] for k in i if i[k] is not None])
+def _mamba_scan():
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        return None
+    return mamba_chunk_scan_combined
 
-        def theirs():
-            return mamba_chunk_scan_combined(i["x"], i["dt"], i["A"], i["B"], i["C"], chunk, D=i["D"], z=i["z"],
-                                             dt_bias=i["dt_bias"], dt_softplus=True)
-        with torch.no_grad():
-            rows["mamba_fwd_ms"] = triton.testing.do_bench(theirs, warmup=50, rep=300, return_mode="median")
-        rows["mamba_fwdbwd_ms"] = triton.testing.do_bench(fb(theirs), warmup=50, rep=300, return_mode="median",
-                                                          grad_to_none=[i[k] for k in i if i[k] is not None])
-        yo, yt = ours(), theirs()
-        rows["rel_vs_mamba"] = _rel(yo, yt)
-    except ImportError as err:
-        rows["mamba"] = f"not importable: {err}"
-    # Compulsory traffic: x, z, dt, B, C read and y written (fwd); plus dy read and dx, dz, ddt, dB, dC
-    # written and the inputs re-read (bwd).
-    el = dtype.itemsize
-    fwd_bytes = batch * L * (3 * H * P + H + 2 * G * N) * el
-    rows["fwd_GBps"] = fwd_bytes / rows["ours_fwd_ms"] / 1e6
+
+def _bench_inputs(key, z):
+    batch, L, H, P, G, N = _shape(key)
+    i = _inputs(batch, L, H, P, G, N, torch.bfloat16, init=False, z=z)
+    names = [k for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias") if i[k] is not None]
+    for k in names:
+        i[k].requires_grad_(True)
+    return i, names, torch.randn(batch, L, H, P, device=DEV, dtype=torch.bfloat16)
+
+
+def _timings(fn, i, names, gy) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of fn, bf16, chunk_size 256."""
+    def fwd():
+        return fn(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"], dt_bias=i["dt_bias"],
+                  dt_softplus=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), [i[k] for k in names], gy)
+
+    with torch.no_grad():
+        f = _time(fwd)
+    return f, _time(fwd_bwd)
+
+
+def run_bench(designs: tuple[str, ...] = ("fused", "first"), mamba: bool = True) -> list[dict]:
+    """One row per design and shape (``ours_*`` that design's times); mamba_ssm's times, measured once a
+    shape, repeated in each of its rows. With ``designs=()``: mamba_ssm alone."""
+    rows = []
+    theirs = _mamba_scan() if mamba else None
+    for label, key, z in BENCH:
+        i, names, gy = _bench_inputs(key, z)
+        # The fewest bytes: x, z, dt, B, C read and y written (fwd); then dy, x, z, dt, B, C read again
+        # and dx, dz, ddt, dB, dC written (bwd).
+        inputs = nbytes(i["x"], i["z"], i["dt"], i["B"], i["C"])
+        common = dict(shape=str(_shape(key)), bytes_fwd=inputs + nbytes(i["x"]),
+                      bytes_fwdbwd=3 * inputs + 2 * nbytes(i["x"]), mamba_ssm_fwd_ms=None, mamba_ssm_fwdbwd_ms=None)
+        if theirs is not None:
+            common["mamba_ssm_fwd_ms"], common["mamba_ssm_fwdbwd_ms"] = _timings(theirs, i, names, gy)
+        for design in designs or (None,):
+            row = dict(kernel=f"ssd[{design or 'mamba_ssm'}] {label}", **common)
+            if design is not None:
+                f, fb = _timings(DESIGNS[design], i, names, gy)
+                row.update(ours_fwd_ms=f, ours_fwdbwd_ms=fb, fwd_GBps=row["bytes_fwd"] / f / 1e6,
+                           fwdbwd_GBps=row["bytes_fwdbwd"] / fb / 1e6)
+                if row["mamba_ssm_fwd_ms"]:
+                    row.update(ratio_fwd=f / row["mamba_ssm_fwd_ms"], ratio_fwdbwd=fb / row["mamba_ssm_fwdbwd_ms"])
+                    with torch.no_grad():
+                        row["rel_vs_mamba_ssm"] = rel(
+                            _call(DESIGNS[design], {**i, "initial_state": None})[0],
+                            theirs(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"],
+                                   dt_bias=i["dt_bias"], dt_softplus=True))
+            rows.append(row)
+        del i, gy
     return rows
 
 
-def run_bench() -> list[dict]:
-    out = []
-    for shape in [(8, 2048, 24, 64, 1, 128), (2, 16384, 32, 64, 1, 128)]:
-        for max_chunk in (64, 128) if os.environ.get("SSD_SWEEP") else (sst.MAX_CHUNK,):
-            saved = sst.MAX_CHUNK
-            sst.MAX_CHUNK = max_chunk
-            try:
-                r = _bench_one(shape)
-            finally:
-                sst.MAX_CHUNK = saved
-            row = dict(kernel=f"ssd fwd+bwd (T={max_chunk})", shape=str(shape), dtype="bfloat16", **r)
-            if "mamba_fwdbwd_ms" in r:
-                row["ratio_fwd"] = r["ours_fwd_ms"] / r["mamba_fwd_ms"]
-                row["ratio_fwdbwd"] = r["ours_fwdbwd_ms"] / r["mamba_fwdbwd_ms"]
-            out.append(row)
-    return out
+@contextlib.contextmanager
+def _settings(**values):
+    """Temporarily set launch settings of kernels/ssd/triton_fused.py (its module attributes)."""
+    saved = {k: getattr(ssf, k) for k in values}
+    for k, v in values.items():
+        setattr(ssf, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ssf, k, v)
 
 
-def _profile(shape=(8, 2048, 24, 64, 1, 128)):
-    """Per-kernel CUDA times of one forward+backward (printed; helps see what bounds the total)."""
-    batch, L, H, P, G, N = shape
-    i = _inputs(batch, L, H, P, G, N, torch.bfloat16, init=False)
-    for k in ("x", "dt", "B", "C", "z"):
-        i[k].requires_grad_(True)
-    gy = torch.randn(batch, L, H, P, device="cuda", dtype=torch.bfloat16)
+SWEEP = [dict(PASS_BLOCK_N=32), dict(PASS_BLOCK_P=32), dict(PASS_STAGES=3), dict(PASS_STAGES=1),
+         dict(DX_BLOCK_P=16), dict(DX_BLOCK_P=64), dict(DBC_BLOCK_N=32), dict(DBC_TARGET_PROGRAMS=4096),
+         dict(DBC_WARPS=8), dict(MAX_CHUNK=128, DX_WARPS=8, DBC_WARPS=8)]
+
+
+def run_sweep(keys=("long", "layer"), deadline: float | None = None) -> list[dict]:
+    """fwd+bwd ms of each SWEEP setting against the default, at each shape; each setting's outputs and
+    gradients are compared with the default's at the same inputs (rel = worst relative difference)."""
+    rows = []
+    for key in keys:
+        i, names, gy = _bench_inputs(key, True)
+        i["initial_state"] = None
+        ref = _fwd_bwd(ssf.ssd_triton_fused, i, names, gy, torch.zeros((), device=DEV))
+        base = _timings(ssf.ssd_triton_fused, i, names, gy)[1]
+        rows.append(dict(setting="default", shape=str(_shape(key)), fwdbwd_ms=base, vs_default=0.0))
+        for setting in SWEEP:
+            if deadline is not None and time.time() > deadline:
+                break
+            with _settings(**setting):
+                try:
+                    out = _fwd_bwd(ssf.ssd_triton_fused, i, names, gy, torch.zeros((), device=DEV))
+                    diff = max(rel(a, b) for a, b in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]]))
+                    ms = _timings(ssf.ssd_triton_fused, i, names, gy)[1]
+                except Exception as error:  # noqa: BLE001  (a setting that cannot compile is a row, not a stop)
+                    diff, ms = math.inf, math.nan
+                    print(f"  {setting}: {type(error).__name__}: {error}", flush=True)
+            rows.append(dict(setting=str(setting), shape=str(_shape(key)), fwdbwd_ms=ms, vs_default=diff))
+            print(f"  sweep {key} {setting}: {ms:.3f} ms (default {base:.3f}), rel vs default {diff:.1e}", flush=True)
+        del i, gy
+    return rows
+
+
+def profile(key: str = "long", z: bool = True, design: str = "fused") -> None:
+    """Per-kernel CUDA time of one forward+backward (printed: what bounds the total)."""
+    i, names, gy = _bench_inputs(key, z)
+
+    def run():
+        y = DESIGNS[design](i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"],
+                            dt_bias=i["dt_bias"], dt_softplus=True)
+        return torch.autograd.grad(y, [i[k] for k in names], gy)
+
     for _ in range(3):
-        torch.autograd.backward(sst.ssd_triton(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"],
-                                               dt_bias=i["dt_bias"], dt_softplus=True), gy)
+        run()
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            torch.autograd.backward(sst.ssd_triton(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"],
-                                                   z=i["z"], dt_bias=i["dt_bias"], dt_softplus=True), gy)
+            run()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(f"per-kernel CUDA time, [{design}] {key} {_shape(key)} z={z}, 5 fwd+bwd:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16), flush=True)
 
 
-def _table(rows: list[dict]) -> str:
+# ----------------------------------------------------------------------------------------------------
+# Running it directly. A cold GPU machine otherwise spends most of a short lease compiling: these
+# kernels take seconds each in ptxas, mamba_ssm autotunes ~100 configs, and Triton's compilation holds
+# the GIL (threads do not help). So worker processes compile everything first into Triton's disk cache,
+# each a share of the launches (compile only, nothing runs), and the real calls then load from it.
+
+
+@contextlib.contextmanager
+def _compile_only(part: int = 0, parts: int = 1):
+    """Inside, every Triton launch only compiles (same arguments, so the same specializations); an
+    autotuned kernel compiles its configs number part, part + parts, ... and picks one of those."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    saved = JITFunction.__getitem__, KernelInterface.__getitem__, Autotuner._bench
+
+    def getitem(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=True, **kwargs)
+
+    def bench(self, *args, config, **meta):
+        index = self.configs.index(config)
+        if index % parts != part:
+            return [1.0, 1.0, 1.0]
+        self.fn.run(*args, **dict(meta, **config.all_kwargs()))
+        return [0.0, 0.0, 0.0]
+
+    JITFunction.__getitem__ = KernelInterface.__getitem__ = getitem
+    Autotuner._bench = bench
+    try:
+        yield
+    finally:
+        JITFunction.__getitem__, KernelInterface.__getitem__, Autotuner._bench = saved
+
+
+def _warm_calls(checks: bool, gpu_short: bool, designs: tuple[str, ...], sweep: bool) -> list:
+    """The launches of a run, as closures (the same list in every process, so parts can share it)."""
+    def scan(fn, key, dtype, cu=None, states=None, D_per_dim=False, z=True, init=True):
+        batch, L, H, P, G, N = _shape(key)
+        i = _inputs(batch, L, H, P, G, N, dtype, states=states, D_per_dim=D_per_dim, z=z, init=init)
+        names = [k for k in NAMES if i[k] is not None]
+        for k in names:
+            i[k].requires_grad_(True)
+        y, f = _call(fn, i, cu_seqlens=cu)
+        torch.autograd.grad(y.float().sum() + f.sum(), [i[k] for k in names])
+
+    def large(fn):  # the large-offset check's specializations at a small size (no int argument equal to 1)
+        batch, L, H, P, G, N = _shape("large")
+        i = _inputs(2, 2048 if not SMOKE else L, H, P, G, N, torch.bfloat16, init=False, z=False)
+        i.update(D=None, dt_bias=None)
+        names = ["x", "dt", "B", "C"]
+        for k in names:
+            i[k].requires_grad_(True)
+        y, _ = _call(fn, i)
+        torch.autograd.grad(y, [i[k] for k in names], torch.randn_like(y))
+
+    def bench(fn, key, z):
+        i, names, gy = _bench_inputs(key, z)
+        y = fn(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"], dt_bias=i["dt_bias"],
+               dt_softplus=True)
+        torch.autograd.grad(y, [i[k] for k in names], gy)
+
+    def swept(setting):
+        with _settings(**setting):
+            for key in ("long", "layer"):
+                bench(ssf.ssd_triton_fused, key, True)
+
+    calls = []
+    for design in designs:
+        fn = DESIGNS[design]
+        if checks:
+            calls += [lambda fn=fn, kw=kw, key=key, dtype=dtype: scan(fn, key, dtype, **kw)
+                      for _, key, dtype, kw in _check_cases(gpu_short)]
+            if design == "fused":
+                calls.append(lambda fn=fn: large(fn))
+        shapes = dict.fromkeys((key, z) for _, key, z in BENCH)
+        calls += [lambda fn=fn, key=key, z=z: bench(fn, key, z) for key, z in shapes]
+    if checks:
+        calls.append(_check_step)
+    if sweep:
+        calls += [lambda setting=setting: swept(setting) for setting in SWEEP]
+    return calls
+
+
+def _warm_part(part: int, parts: int, checks: bool, gpu_short: bool, designs: tuple[str, ...], sweep: bool,
+               mamba: bool) -> None:
+    """One worker's share: calls number part, part + parts, ... (or a share of mamba_ssm's configs)."""
+    if mamba:
+        theirs = _mamba_scan()
+        with _compile_only(part, parts):
+            for _, key, z in BENCH:
+                i, names, gy = _bench_inputs(key, z)
+                y = theirs(i["x"], i["dt"], i["A"], i["B"], i["C"], 256, D=i["D"], z=i["z"], dt_bias=i["dt_bias"],
+                           dt_softplus=True)
+                torch.autograd.grad(y, [i[k] for k in names], gy)
+        return
+    calls = _warm_calls(checks, gpu_short, designs, sweep)
+    with _compile_only():
+        for call in calls[part::parts]:
+            try:
+                call()
+            except Exception as error:  # noqa: BLE001  (the real call will report it)
+                print(f"warm-up call failed: {type(error).__name__}: {error}", flush=True)
+
+
+def _spawn(parts: int, extra: list[str]) -> list:
+    import subprocess
+
+    return [subprocess.Popen([sys.executable, __file__, "--warm-part", str(k), "--warm-parts", str(parts), *extra])
+            for k in range(parts)]
+
+
+def _wait(procs: list, deadline: float) -> str:
+    done = 0
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+            done += proc.returncode == 0
+        except Exception:  # noqa: BLE001  (past the deadline: the real calls compile what is missing)
+            proc.kill()
+    return f"{done}/{len(procs)} workers done"
+
+
+def _print_table(rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = (lambda v: f"{v:.3g}" if isinstance(v, float) else str(v))
-    lines = [" | ".join(keys)] + [" | ".join(fmt(r.get(k, "")) for k in keys) for r in rows]
-    return "\n".join(lines)
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |", flush=True)
+
+
+def main() -> None:
+    import argparse
+
+    global DEV, SMOKE
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--designs", default="fused,first", help="which designs to check and time")
+    parser.add_argument("--sweep", action="store_true", help="time (and verify) the fused design's SWEEP settings")
+    parser.add_argument("--profile", action="store_true", help="per-kernel times at the long-L and layer shapes")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: the phases after it are skipped (checks, bench, profile, mamba_ssm, sweep)")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-large", action="store_true", help="leave out the >2^31-element check")
+    parser.add_argument("--short", action="store_true", help="the GPU check set for a short lease")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--no-mamba", action="store_true", help="leave out mamba_ssm's timings")
+    parser.add_argument("--jobs", type=int, default=8, help="compile worker processes (0: compile on first use)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
+    parser.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-parts", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--warm-mamba", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    start = time.time()
+    deadline = start + (args.budget if args.budget is not None else 1e9)
+    designs = tuple(d for d in args.designs.split(",") if d)
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown:
+        parser.error(f"unknown design(s) {unknown}; choose from {list(DESIGNS)}")
+    if args.cpu_smoke:
+        DEV, SMOKE = "cpu", True
+    if args.warm_part is not None:
+        _warm_part(args.warm_part, args.warm_parts, not args.skip_checks, args.short, designs, args.sweep,
+                   args.warm_mamba)
+        return
+    print(f"torch {torch.__version__}, device: "
+          f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter)'}", flush=True)
+    mamba = not args.no_mamba and not args.skip_bench and _mamba_scan() is not None
+    mamba_workers = []
+    if not SMOKE and args.jobs > 0:
+        common = ["--designs", args.designs] + (["--skip-checks"] if args.skip_checks else []) + \
+                 (["--short"] if args.short else []) + (["--sweep"] if args.sweep else [])
+        mamba_workers = _spawn(max(1, args.jobs // 2), common + ["--warm-mamba"]) if mamba else []
+        ours = _spawn(args.jobs, common)
+        print(f"compiled: {_wait(ours, start + 0.4 * (deadline - start))} ({time.time() - start:.0f} s)", flush=True)
+    if not args.skip_checks:
+        fmt = (lambda v: "-" if v is None else f"{v:.2e}")
+        print("| check | shape | dtype | rel err fwd | rel err bwd | pass | note |\n|---|---|---|---|---|---|---|")
+        rows = run_checks(large=not args.skip_large, gpu_short=args.short, designs=designs,
+                          large_designs=tuple(d for d in designs if d == "fused"), on_row=lambda r: print(
+                              f"| {r['name']} | {r['shape']} | {r['dtype']} | {fmt(r['err_fwd'])} | "
+                              f"{fmt(r['err_bwd'])} | {'PASS' if r['pass'] else 'FAIL'} | {r['note']} |", flush=True))
+        print(f"checks: {sum(not r['pass'] for r in rows)} failed ({time.time() - start:.0f} s)", flush=True)
+    if not args.skip_bench and time.time() < deadline:
+        _print_table(run_bench(designs, mamba=False))
+        print(f"bench done ({time.time() - start:.0f} s)", flush=True)
+    if args.profile and not SMOKE and time.time() < deadline:
+        for design in designs:
+            profile("long", design=design)
+        profile("layer", z=False, design=designs[0])
+    if mamba and time.time() < deadline:
+        if mamba_workers:
+            print(f"mamba_ssm compiled: {_wait(mamba_workers, deadline)} ({time.time() - start:.0f} s)", flush=True)
+        _print_table(run_bench((), mamba=True))
+        print(f"mamba_ssm bench done ({time.time() - start:.0f} s)", flush=True)
+    if args.sweep and time.time() < deadline:
+        _print_table(run_sweep(deadline=deadline))
+        print(f"sweep done ({time.time() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
-    what = sys.argv[1:] or ["checks", "bench", "profile"]
-    if "profile" in what:
-        _profile()
-    if "checks" in what:
-        print(_table(run_checks()), flush=True)
-    if "bench" in what:
-        print(_table(run_bench()), flush=True)
+    main()

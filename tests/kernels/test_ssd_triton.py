@@ -1,4 +1,5 @@
-"""SSD's Triton backend (kernels/ssd/triton.py) against the float64 sequential reference: forward and
+"""SSD's Triton backend against the float64 sequential reference, both designs (kernels/ssd/triton.py,
+the default, and kernels/ssd/triton_fused.py, chosen by SSM_SUITE_SSD_TRITON=fused): forward and
 backward (every input's gradient, initial and final states), packed sequences, odd lengths and L=1,
 several dtypes, the one-token step, determinism, the custom ops' registrations, and the clear errors.
 
@@ -31,15 +32,31 @@ F32_TOL = 1e-5 if DEVICE == "cpu" else 5e-3
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-@pytest.fixture(scope="module")
-def sst():
-    """The kernels module, or a clean skip where it cannot be imported (Triton present but unusable).
+def _load(name: str):
+    """A kernels module, or a clean skip where it cannot be imported (Triton present but unusable).
     A kernel that imports but fails to run is a failure of the tests that call it, never a skip."""
     try:
-        from kernels.ssd import triton as module
+        return __import__(f"kernels.ssd.{name}", fromlist=["_"])
     except ImportError as err:
         pytest.skip(f"triton kernels cannot load: {err!r}")
-    return module
+
+
+@pytest.fixture(params=["first", "fused"])
+def sst(request, monkeypatch):
+    """Each design of the scan in turn, selected the way users select it (SSM_SUITE_SSD_TRITON)."""
+    monkeypatch.setenv("SSM_SUITE_SSD_TRITON", request.param)
+    return _load("triton" if request.param == "first" else "triton_fused")
+
+
+@pytest.fixture
+def step_module():
+    return _load("triton")
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("SSM_SUITE_SSD_TRITON", "fused")
+    return _load("triton_fused")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,6 +138,24 @@ def test_varlen_matches_reference(sst, with_state):
     compare(inputs, F32_TOL, F32_TOL, cu_seqlens=cu)
 
 
+def test_small_blocks_split_every_sum(fused, monkeypatch):
+    # Blocks smaller than P and N: several programs share each state walk (their parts of the decay's
+    # gradient summed), each chunk's backward runs in blocks of P (partial ddt and dA summed), dB/dC over
+    # blocks of N with the heads split (partials summed); P and N not powers of two (masked edges).
+    for name, value in dict(PASS_BLOCK_P=16, PASS_BLOCK_N=16, DX_BLOCK_P=16, DBC_BLOCK_N=16).items():
+        monkeypatch.setattr(fused, name, value)
+    inputs = make_inputs(batch=2, L=45, H=4, P=40, G=1, N=24)
+    compare(inputs, F32_TOL, F32_TOL)
+    assert fused._head_splits(4, 1) == 4 and fused._head_splits(6, 1) == 2 and fused._head_splits(4, 10**6) == 1
+
+
+def test_unknown_design_is_an_error(monkeypatch):
+    monkeypatch.setenv("SSM_SUITE_SSD_TRITON", "fast")
+    inputs = {k: None if v is None else v.detach() for k, v in make_inputs(L=4).items()}
+    with forced_backend("triton", "ssd"), pytest.raises(ValueError, match="SSM_SUITE_SSD_TRITON"):
+        call(ssd, inputs)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 def test_half_precision(sst, dtype, tol):
     compare(make_inputs(L=33, dtype=dtype), tol, tol)
@@ -147,7 +182,7 @@ def test_backward_is_deterministic(sst):
 
 
 @pytest.mark.parametrize("dtype, D_per_dim", [(torch.float32, False), (torch.bfloat16, True)])
-def test_step_matches_reference(sst, dtype, D_per_dim):
+def test_step_matches_reference(step_module, dtype, D_per_dim):
     batch, H, P, G, N = 3, 4, 8, 2, 16
     x = torch.randn(batch, H, P).to(dtype)
     dt, B, C = torch.randn(batch, H).to(dtype), torch.randn(batch, G, N).to(dtype), torch.randn(batch, G, N).to(dtype)
@@ -183,16 +218,28 @@ def test_step_equals_last_token_of_scan(sst):
 def test_custom_ops_pass_opcheck(sst):
     inputs = make_inputs(batch=1, L=5, H=2, P=4, G=1, N=8)
     i = {k: None if v is None else v.detach() for k, v in inputs.items()}
-    meta, _, _ = sst._layout(5, 16, 1, None, i["x"].device)
+    from kernels.ssd.triton import _layout  # both designs lay packed sequences out alike
+
+    meta, _, _ = _layout(5, 16, 1, None, i["x"].device)
     args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], i["initial_state"], meta,
             16, 1, True, 0.0, math.inf)
-    torch.library.opcheck(torch.ops.ssm_suite.ssd_scan_fwd.default, args,
+    ops = torch.ops.ssm_suite
+    scan_op = ops.ssd_fused_fwd if sst.__name__.endswith("fused") else ops.ssd_scan_fwd
+    torch.library.opcheck(scan_op.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     state = torch.randn(1, 2, 4, 8, device=DEVICE)
     step_args = (state, i["x"][:, 0].contiguous(), i["dt"][:, 0].contiguous(), i["A"], i["B"][:, 0].contiguous(),
                  i["C"][:, 0].contiguous(), i["D"], i["z"][:, 0].contiguous(), i["dt_bias"], True, 0.0, math.inf)
     torch.library.opcheck(torch.ops.ssm_suite.ssd_step.default, step_args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_grid_limit_is_a_clear_error(fused):
+    # More rows x heads than a grid dimension holds: an error naming the limit and the fix.
+    x = torch.randn(1, 2, 65536, 1, device=DEVICE)
+    with forced_backend("triton", "ssd"), pytest.raises(ValueError, match="65535"):
+        ssd(x, torch.randn(1, 2, 65536, device=DEVICE), -torch.ones(65536, device=DEVICE),
+            torch.randn(1, 2, 1, 8, device=DEVICE), torch.randn(1, 2, 1, 8, device=DEVICE), 16)
 
 
 def test_clear_errors(sst):
