@@ -17,6 +17,7 @@ Weight decay follows mamba_ssm and Megatron: none on norms, biases and the SSM p
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -338,6 +339,17 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(range(start * world + rank, self.num_samples, world))
 
 
+def parse_max_time(value: Any) -> str | None:
+    """``trainer.max_time`` checked: None (no limit) or a ``"DD:HH:MM:SS"`` string, as Lightning takes it."""
+    if value is None:
+        return None
+    text = str(value)
+    if re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", text) is None:
+        raise ValueError(f"trainer.max_time={value!r}: give the wall-clock limit as DD:HH:MM:SS, e.g. "
+                         f"trainer.max_time='00:11:50:00' for 11 h 50 min (quoted on the command line), or null")
+    return text
+
+
 def build_trainer(trainer_cfg: Any, run_dir: str | Any, extra_callbacks: list[Any] | None = None) -> L.Trainer:
     """A Lightning Trainer from the ``trainer`` config group, writing under ``run_dir``.
 
@@ -345,7 +357,9 @@ def build_trainer(trainer_cfg: Any, run_dir: str | Any, extra_callbacks: list[An
     under ``strategy=fsdp``) and one each ``val_check_interval`` steps; logs: ``<run_dir>/logs`` (CSV
     and, when installed, TensorBoard). ``strategy`` (auto | ddp | fsdp), ``num_nodes`` and
     ``activation_checkpointing`` go through :func:`core.parallel.build_strategy` and
-    :func:`core.parallel.activation_checkpointing_callback`.
+    :func:`core.parallel.activation_checkpointing_callback`. ``max_time`` (optional, ``"DD:HH:MM:SS"``)
+    stops training at that wall-clock time (checked after each step): ``last.ckpt`` is written as the run
+    stops, so ``trainer.resume=last`` continues it, e.g. across the time limits of a cluster's jobs.
     """
     from pathlib import Path
 
@@ -381,6 +395,7 @@ def build_trainer(trainer_cfg: Any, run_dir: str | Any, extra_callbacks: list[An
         strategy=build_strategy(trainer_cfg),
         precision=trainer_cfg.precision,
         max_steps=int(trainer_cfg.max_steps),
+        max_time=parse_max_time(trainer_cfg.get("max_time")),
         val_check_interval=every,
         check_val_every_n_epoch=None,
         limit_val_batches=trainer_cfg.limit_val_batches,

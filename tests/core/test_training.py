@@ -136,3 +136,36 @@ def test_resume_path_and_step_of_a_sharded_checkpoint_folder(tmp_path):
     assert checkpoint_step(resume_path("last", tmp_path)) == 7 and checkpoint_step(None) == 0
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         resume_path(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_max_time_stops_saves_last_and_resumes(tmp_path):
+    import time
+
+    from omegaconf import OmegaConf
+
+    from core.training import build_trainer
+
+    class SlowFirstStep(L.Callback):  # the first step outlasts the one-second limit
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 1:
+                time.sleep(1.2)
+
+    cfg = OmegaConf.create({"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
+                            "activation_checkpointing": False, "precision": "32-true", "max_steps": 4,
+                            "max_time": "00:00:00:01", "val_check_interval": 100, "limit_val_batches": 0,
+                            "gradient_clip_val": 1.0, "log_every_n_steps": 1, "tensorboard": False})
+    module = CausalLMModule(get_preset("mamba2-tiny"), OptimConfig(max_steps=4, warmup_steps=1))
+    trainer = build_trainer(cfg, tmp_path, extra_callbacks=[SlowFirstStep()])
+    trainer.fit(module, DataLoader(_Windows(), batch_size=4))
+    stopped_at = trainer.global_step
+    assert 1 <= stopped_at < 4
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file() and torch.load(last, weights_only=False)["global_step"] == stopped_at
+    cfg.max_time = None
+    trainer = build_trainer(cfg, tmp_path)
+    trainer.fit(module, DataLoader(_Windows(), batch_size=4), ckpt_path=str(last))
+    assert trainer.global_step == 4
+    for bad in ("1h", "00:01:00", 90):
+        cfg.max_time = bad
+        with pytest.raises(ValueError, match="DD:HH:MM:SS"):
+            build_trainer(cfg, tmp_path)
