@@ -229,43 +229,20 @@ def scored_samples(seq_len: int, num_samples: int, max_tokens: int | None) -> in
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from core.backbone import CausalLM
-    from core.training import OptimConfig
-    from domains.lm.evaluate import pick_device
-    from domains.lm.tasks.common import evaluate_settings, expand_eval, load_task, mixture, seeded, task_model_config
+    from domains.lm.tasks.common import evaluate_settings, prepare_task_run, seeded
 
     c, cli = compose_task(args.task, args.model, args.overrides)
-    task_cfg, model_cfg = c["task"], c["model"]
-    task = load_task(task_cfg["module"])
-    device = pick_device(str(c.get("device", "auto")))
-    seed = int(c["run"]["seed"])
-    if c.get("threads"):
-        torch.set_num_threads(int(c["threads"]))
+    run = prepare_task_run(c)
+    task_cfg, task, model, model_config = run.task_cfg, run.task, run.model, run.model_config
+    device, seed, eval_settings, optim, make_batch = run.device, run.seed, run.eval_settings, run.optim, run.make_batch
+    train_settings, batch_size, cap = run.train_settings, run.batch_size, run.optim.max_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = result_path(out, args.task, args.model)
-
-    train_settings = [dict(s) for s in task_cfg["train"]]
-    eval_settings = [dict(s) for s in expand_eval(task_cfg["eval"], device)]
-    vocab = max(task.vocab_size(**s) for s in train_settings + eval_settings)
     lengths = [task.generate(1, seeded(0), **s).input_ids.shape[1] for s in eval_settings]
-    longest = max([task.generate(1, seeded(0), **s).input_ids.shape[1] for s in train_settings] + lengths)
-    model_config = task_model_config(str(model_cfg["preset"]), vocab, longest, model_cfg.get("overrides"))
-    torch.manual_seed(seed)
-    model = CausalLM(model_config).to(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.task} / {args.model}: vocab {vocab}, pattern {model_config.pattern!r}, "
+    print(f"{args.task} / {args.model}: vocab {run.vocab}, pattern {model_config.pattern!r}, "
           f"{model.num_parameters():,} parameters, {device_name}", flush=True)
-
-    optim_fields = dict(task_cfg["optim"])
-    optim_fields["betas"] = tuple(optim_fields.get("betas", (0.9, 0.95)))
-    cap = int(task_cfg["steps"])
-    optim = OptimConfig(**{**optim_fields, "max_steps": cap})
-    setting_of = mixture(train_settings)
-    batch_size = int(task_cfg["batch_size"])
-
-    def make_batch(step: int) -> Any:
-        return task.generate(batch_size, seeded(seed * 1_000_003 + step), **setting_of(step))
 
     results: dict[str, Any] = {
         "task": task_cfg["name"], "model": args.model, "preset": model_config.name,

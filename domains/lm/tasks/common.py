@@ -259,6 +259,59 @@ def format_table(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class TaskRun:
+    """Everything a task run is made of, built from the composed task config: the task module, the
+    settings, the model (on ``device``, seeded), the optimizer config (``max_steps`` = ``task.steps``) and
+    the batch of each step (``make_batch(step)``: seeded by the run's seed and the step, drawn from the
+    training mixture). ``run_task`` trains it for ``optim.max_steps``; scripts that time-box the
+    training (scripts/gpu_evals.py) build the same run and stop earlier."""
+
+    task_cfg: dict[str, Any]
+    task: Any
+    device: torch.device
+    seed: int
+    train_settings: list[dict[str, Any]]
+    eval_settings: list[dict[str, Any]]
+    vocab: int
+    model_config: ModelConfig
+    model: CausalLM
+    optim: OptimConfig
+    batch_size: int
+    make_batch: Callable[[int], TaskBatch]
+
+
+def prepare_task_run(c: Mapping[str, Any]) -> TaskRun:
+    """The :class:`TaskRun` of a composed task config (a plain mapping: ``task``, ``model``, ``run``,
+    ``device``, ``threads``)."""
+    from domains.lm.evaluate import pick_device
+
+    task_cfg, model_cfg = dict(c["task"]), c["model"]
+    task = load_task(task_cfg["module"])
+    device = pick_device(str(c.get("device", "auto")))
+    seed = int(c["run"]["seed"])
+    if c.get("threads"):
+        torch.set_num_threads(int(c["threads"]))
+    train_settings = [dict(s) for s in task_cfg["train"]]
+    eval_settings = [dict(s) for s in expand_eval(task_cfg["eval"], device)]
+    vocab = max(task.vocab_size(**s) for s in train_settings + eval_settings)
+    longest = max(task.generate(1, seeded(0), **s).input_ids.shape[1] for s in train_settings + eval_settings)
+    model_config = task_model_config(str(model_cfg["preset"]), vocab, longest, model_cfg.get("overrides"))
+    torch.manual_seed(seed)
+    model = CausalLM(model_config).to(device)
+    optim_fields = dict(task_cfg["optim"])
+    optim_fields["betas"] = tuple(optim_fields.get("betas", (0.9, 0.95)))
+    optim = OptimConfig(**{**optim_fields, "max_steps": int(task_cfg["steps"])})
+    setting_of = mixture(train_settings)
+    batch_size = int(task_cfg["batch_size"])
+
+    def make_batch(step: int) -> TaskBatch:
+        return task.generate(batch_size, seeded(seed * 1_000_003 + step), **setting_of(step))
+
+    return TaskRun(task_cfg, task, device, seed, train_settings, eval_settings, vocab, model_config, model, optim,
+                   batch_size, make_batch)
+
+
 def run_task(cfg: Any) -> dict[str, Any]:
     """``python -m domains.lm task task=<name> model=<preset>``: train, evaluate, report.
 
@@ -270,49 +323,25 @@ def run_task(cfg: Any) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise TypeError(f"run_task needs the composed task config, got {type(cfg).__name__}")
     c = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True) if not isinstance(cfg, dict) else cfg
-    task_cfg, model_cfg = c["task"], c["model"]
-    task = load_task(task_cfg["module"])
-    from domains.lm.evaluate import pick_device
-
-    device = pick_device(str(c.get("device", "auto")))
-    seed = int(c["run"]["seed"])
-    if c.get("threads"):
-        torch.set_num_threads(int(c["threads"]))
-
-    train_settings = [dict(s) for s in task_cfg["train"]]
-    eval_settings = [dict(s) for s in expand_eval(task_cfg["eval"], device)]
-    vocab = max(task.vocab_size(**s) for s in train_settings + eval_settings)
-    longest = max(task.generate(1, seeded(0), **s).input_ids.shape[1] for s in train_settings + eval_settings)
-    model_config = task_model_config(str(model_cfg["preset"]), vocab, longest, model_cfg.get("overrides"))
-    torch.manual_seed(seed)
-    model = CausalLM(model_config).to(device)
+    run = prepare_task_run(c)
+    task_cfg, model, model_config, steps = run.task_cfg, run.model, run.model_config, run.optim.max_steps
     n_params = model.num_parameters()
-    print(f"task {task_cfg['name']}: vocab {vocab}; model {model_config.name} pattern {model_config.pattern!r}, "
-          f"{n_params:,} parameters; device {device}")
-    optim_fields = dict(task_cfg["optim"])
-    optim_fields["betas"] = tuple(optim_fields.get("betas", (0.9, 0.95)))
-    steps = int(task_cfg["steps"])
-    optim = OptimConfig(**{**optim_fields, "max_steps": steps})
-    setting_of = mixture(train_settings)
-    batch_size = int(task_cfg["batch_size"])
-
-    def make_batch(step: int) -> TaskBatch:
-        return task.generate(batch_size, seeded(seed * 1_000_003 + step), **setting_of(step))
-
+    print(f"task {task_cfg['name']}: vocab {run.vocab}; model {model_config.name} pattern {model_config.pattern!r}, "
+          f"{n_params:,} parameters; device {run.device}")
     started = time.perf_counter()
-    losses = train_on_task(model, make_batch, steps, optim, grad_clip=float(task_cfg.get("grad_clip", 1.0)),
-                           log_every=int(c.get("log_every", 50)), device=device)
+    losses = train_on_task(model, run.make_batch, steps, run.optim, grad_clip=float(task_cfg.get("grad_clip", 1.0)),
+                           log_every=int(c.get("log_every", 50)), device=run.device)
     train_seconds = time.perf_counter() - started
     print(f"trained {steps} steps in {train_seconds:.0f} s; evaluating")
     ev = task_cfg["eval_options"]
-    rows = evaluate_settings(model, task, eval_settings, int(ev["samples"]), seed, int(ev["batch_size"]),
+    rows = evaluate_settings(model, run.task, run.eval_settings, int(ev["samples"]), run.seed, int(ev["batch_size"]),
                              ev.get("max_tokens"))
-    title = f"{task_cfg['name']} / {model_config.name} ({steps} steps, batch {batch_size}, seed {seed})"
+    title = f"{task_cfg['name']} / {model_config.name} ({steps} steps, batch {run.batch_size}, seed {run.seed})"
     print("\n" + format_table(rows, title))
     results = {"task": task_cfg["name"], "model": model_config.name, "pattern": model_config.pattern,
-               "parameters": n_params, "steps": steps, "batch_size": batch_size, "seed": seed,
+               "parameters": n_params, "steps": steps, "batch_size": run.batch_size, "seed": run.seed,
                "train_seconds": train_seconds, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
-               "train": train_settings, "rows": rows}
+               "train": run.train_settings, "rows": rows}
     run_dir = c["run"].get("dir")
     if run_dir:
         from core.checkpoint import atomic_write, save_export
