@@ -24,7 +24,9 @@ Pieces:
   most ``FUSED_MAMBA1_MAX_BATCH`` rows, every Mamba-1 block it can take
   (:meth:`~core.layers.mamba1.Mamba1.fused_step_unsupported`) runs as one fused block step, 3 kernels
   instead of 7 (:mod:`kernels.mamba_decode`); the other blocks run op by op (:func:`decode_step_path`
-  says which ran). ``generate`` uses it with and without graphs, so both produce identical tokens.
+  says which ran). With ``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` (opt-in: these kernels have not yet run on a
+  GPU) Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3 kernels instead
+  of 6). ``generate`` uses it with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -40,6 +42,7 @@ Pieces:
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
 
@@ -49,8 +52,10 @@ from torch import nn
 from core.backbone import Backbone, Block, CausalLM, upcast_residual
 from core.cache import InferenceCache
 from core.layers.mamba1 import Mamba1
+from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
-from kernels.mamba_decode import mamba1_decode_backend, mamba1_decode_block
+from kernels.mamba_decode import (mamba1_decode_backend, mamba1_decode_block, mamba2_decode_backend,
+                                  mamba2_decode_block)
 from kernels.norm import rms_norm
 
 LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a multiple of this
@@ -58,6 +63,11 @@ LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a mul
 # mamba1-130m, docs/kernels/mamba_decode.md) it made a step 1.24x faster at batch 1 and 1.5x slower at
 # batch 64, where cuBLAS's matmuls in the op-by-op step win.
 FUSED_MAMBA1_MAX_BATCH: int | None = 4
+# The fused Mamba-2 block step runs only when this environment variable is "1": its kernels have not
+# yet been checked on a GPU (scripts/gpu_checks/mamba_decode.py does that). No batch limit until a GPU
+# run says where the op-by-op step wins.
+FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"
+FUSED_MAMBA2_MAX_BATCH: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,16 +126,37 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
     return [isinstance(block.mixer, Mamba1) and block.mixer.fused_step_unsupported() is None for block in layers]
 
 
+def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
+                        device: torch.device | str | None = None) -> list[bool]:
+    """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it as one fused Mamba-2
+    block step at this batch size: only with ``SSM_SUITE_FUSED_MAMBA2_DECODE=1``, for a Mamba-2 block the
+    fused kernels take, on a device where ``mamba2_decode_block`` picks its Triton backend, for at most
+    ``FUSED_MAMBA2_MAX_BATCH`` rows. Empty for models that decode through their own forward."""
+    if not _fusable(model):
+        return []
+    layers = model.backbone.layers
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    too_large = FUSED_MAMBA2_MAX_BATCH is not None and batch_size > FUSED_MAMBA2_MAX_BATCH
+    if os.environ.get(FUSED_MAMBA2_ENV) != "1" or too_large or mamba2_decode_backend(device) != "triton":
+        return [False] * len(layers)
+    return [isinstance(block.mixer, Mamba2) and block.mixer.fused_step_unsupported() is None for block in layers]
+
+
 def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
     """Which step :func:`decode_step` runs for ``model`` on its device at this batch size, in words
     (benchmarks print it)."""
     if not _fusable(model):
         return "the model's own forward"
-    fused = fused_mamba1_blocks(model, batch_size)
-    if not any(fused):
+    fused1 = fused_mamba1_blocks(model, batch_size)
+    fused2 = fused_mamba2_blocks(model, batch_size)
+    n1, n2, total = sum(fused1), sum(fused2), len(fused1)
+    if n1 + n2 == 0:
         return "op by op (fused add+norm)"
-    others = "" if all(fused) else "; others op by op"
-    return f"fused Mamba-1 step ({sum(fused)}/{len(fused)} blocks{others})"
+    others = "" if n1 + n2 == total else "; others op by op"
+    parts = [f"Mamba-{k} {n}/{total}" for k, n in ((1, n1), (2, n2)) if n]
+    if n2 == 0:
+        return f"fused Mamba-1 step ({n1}/{total} blocks{others})"
+    return f"fused block steps ({', '.join(parts)} blocks{others})"
 
 
 @torch.no_grad()
@@ -137,7 +168,8 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     RMSNorm (``kernels.norm.rms_norm(..., residual=...)``): the same float32 arithmetic as
     ``Block.forward`` in fewer kernels. Mamba-1 blocks that :func:`fused_mamba1_blocks` marks run as one
     fused block step (add + norm + mixer + the residual add of their own output, in 3 kernels), equal to
-    the op-by-op step up to the order of floating-point additions. Other models run their own forward.
+    the op-by-op step up to the order of floating-point additions; so do the Mamba-2 blocks that
+    :func:`fused_mamba2_blocks` marks (opt-in). Other models run their own forward.
     """
     if not _fusable(model):
         return model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1]
@@ -145,14 +177,16 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     out = backbone.embedding(input_ids[:, None])  # [B, 1, d_model]
     # The residual stream's dtype, as Backbone / Block keep it.
     stream_dtype = upcast_residual(out).dtype if backbone.residual_in_fp32 else out.dtype
-    fused = fused_mamba1_blocks(model, input_ids.shape[0], out.device)
+    fused1 = fused_mamba1_blocks(model, input_ids.shape[0], out.device)
+    fused2 = fused_mamba2_blocks(model, input_ids.shape[0], out.device)
     # The stream is `residual` + `out` (the previous block's output, not yet added; None once a fused
     # block has added its own). `sumsq`: a fused block's partial sums of squares of the stream, which the
     # next fused block's norm reads instead of the row.
     residual = sumsq = None
-    for block, layer_cache, use_fused in zip(backbone.layers, cache.layers, fused):
-        if use_fused:
-            stream, sumsq = mamba1_decode_block(
+    for block, layer_cache, use_fused1, use_fused2 in zip(backbone.layers, cache.layers, fused1, fused2):
+        if use_fused1 or use_fused2:
+            step = mamba1_decode_block if use_fused1 else mamba2_decode_block
+            stream, sumsq = step(
                 layer_cache.conv_state, layer_cache.ssm_state, None if out is None else out[:, 0],
                 None if residual is None else residual[:, 0], block.norm.weight, block.norm.eps,
                 **block.mixer.fused_step_weights(), residual_dtype=stream_dtype,

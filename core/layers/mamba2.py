@@ -23,6 +23,7 @@ from core.cache import ConvSSMCache
 from core.config import Mamba2Config
 from core.layers.norm import GatedRMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
+from kernels.mamba_decode import mamba2_decode_unsupported
 from kernels.ssd import ssd, ssd_step
 
 
@@ -151,6 +152,27 @@ class Mamba2(nn.Module):
 
         y = self.norm(y.reshape(batch, seqlen, self.d_inner), z)
         return self.out_proj(y)
+
+    def fused_step_unsupported(self) -> str | None:
+        """Why the fused block step (:func:`kernels.mamba_decode.mamba2_decode_block`, triton backend)
+        cannot run this layer; None when it can."""
+        if self.config.norm_before_gate:
+            return "norm_before_gate=True (the fused step gates before the grouped norm)"
+        if self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return "in_proj / out_proj have biases, which the fused step does not add"
+        weights = (self.in_proj.weight, self.conv1d.weight, self.out_proj.weight, self.norm.weight)
+        if len({w.dtype for w in weights}) != 1 or len({w.device for w in weights}) != 1:
+            return "the weights differ in dtype or device"
+        return mamba2_decode_unsupported(self.d_model, self.d_inner, self.nheads, self.headdim, self.d_state,
+                                         self.ngroups, self.d_conv, self.in_proj.weight.dtype)
+
+    def fused_step_weights(self) -> dict:
+        """This mixer's parameters as keyword arguments of :func:`kernels.mamba_decode.mamba2_decode_block`
+        (views, no copies; A = -exp(A_log) memoized as the op-by-op step has it)."""
+        return dict(in_proj_weight=self.in_proj.weight, conv_weight=self.conv1d.weight[:, 0],
+                    conv_bias=self.conv1d.bias, dt_bias=self.dt_bias, A=ssm_A(self), D=self._D(),
+                    dt_limit=self.dt_limit, gate_norm_weight=self.norm.weight, gate_norm_eps=self.norm.eps,
+                    out_proj_weight=self.out_proj.weight)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "

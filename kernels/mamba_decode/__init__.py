@@ -1,4 +1,7 @@
-"""Fused decoding steps: one token through a whole Mamba-1 block in three kernels instead of seven.
+"""Fused decoding steps: one token through a whole Mamba-1 block in three kernels instead of seven
+(``mamba1_decode_block``), or through a whole Mamba-2 block in three instead of six
+(``mamba2_decode_block``, ``triton_mamba2.py``; not yet run on a GPU, so ``core.cuda_graph`` uses it
+only with ``SSM_SUITE_FUSED_MAMBA2_DECODE=1``).
 
 ``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
 ``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the
@@ -15,9 +18,10 @@ import importlib.util
 import torch
 
 from kernels.dispatch import choose_backend
-from kernels.mamba_decode.reference import mamba1_decode_block_reference
+from kernels.mamba_decode.reference import mamba1_decode_block_reference, mamba2_decode_block_reference
 
-__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported"]
+__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported",
+           "mamba2_decode_block", "mamba2_decode_backend", "mamba2_decode_unsupported"]
 
 OP = "mamba1_decode_block"
 
@@ -146,3 +150,130 @@ def mamba1_decode_block(
     return _BLOCK[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
                            conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
                            residual_sumsq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mamba-2
+
+OP2 = "mamba2_decode_block"
+
+
+def _mamba2_decode_block_triton(*args):
+    from kernels.mamba_decode.triton_mamba2 import mamba2_decode_block_triton
+    return mamba2_decode_block_triton(*args)
+
+
+_BLOCK2 = {"reference": mamba2_decode_block_reference}
+if "triton" in _BLOCK:
+    _BLOCK2["triton"] = _mamba2_decode_block_triton
+
+
+def mamba2_decode_backend(device: torch.device | str) -> str:
+    """The backend :func:`mamba2_decode_block` runs for tensors on ``device`` (``triton`` on CUDA by
+    default; forced by ``SSM_SUITE_BACKEND_MAMBA2_DECODE_BLOCK`` or ``forced_backend``)."""
+    return choose_backend(OP2, tuple(_BLOCK2), torch.device(device))
+
+
+def mamba2_decode_unsupported(d_model: int, d_inner: int, nheads: int, headdim: int, d_state: int, ngroups: int,
+                              d_conv: int, dtype: torch.dtype) -> str | None:
+    """Why the fused kernels cannot take a Mamba-2 block of this shape and weight dtype; None when they
+    can (the reference backend takes every block)."""
+    if "triton" not in _BLOCK2:
+        return "triton is not installed"
+    from kernels.mamba_decode.triton_mamba2 import unsupported
+    return unsupported(d_model, d_inner, nheads, headdim, d_state, ngroups, d_conv, dtype)
+
+
+def _check2(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias, dt_bias, A,
+            D, gate_norm_weight, out_proj_weight, residual_sumsq) -> None:
+    def need(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+        if t is not None and _shape(t) != shape:
+            raise ValueError(f"mamba2_decode_block: {name} must be {list(shape)}, got {list(_shape(t))}")
+
+    if x is None and residual is None:
+        raise ValueError("mamba2_decode_block: give x (the previous block's output), residual, or both")
+    if ssm_state.dim() != 4 or conv_state.dim() != 3 or conv_weight.dim() != 2 or gate_norm_weight.dim() != 1:
+        raise ValueError(f"mamba2_decode_block: ssm_state must be [B, H, P, N], conv_state [B, conv_dim, d_conv - 1], "
+                         f"conv_weight [conv_dim, d_conv] and gate_norm_weight [d_inner]; got "
+                         f"{list(_shape(ssm_state))}, {list(_shape(conv_state))}, {list(_shape(conv_weight))}, "
+                         f"{list(_shape(gate_norm_weight))}")
+    batch, nheads, headdim, d_state = ssm_state.shape
+    conv_dim, width = conv_weight.shape
+    d_inner = gate_norm_weight.shape[0]
+    d_model = norm_weight.shape[0]
+    if nheads * headdim != d_inner:
+        raise ValueError(f"mamba2_decode_block: ssm_state's H x P = {nheads} x {headdim} must equal d_inner "
+                         f"{d_inner} (gate_norm_weight's length)")
+    bc = conv_dim - d_inner
+    ngroups = bc // (2 * d_state) if d_state else 0
+    if bc <= 0 or ngroups < 1 or bc != 2 * ngroups * d_state or nheads % ngroups:
+        raise ValueError(f"mamba2_decode_block: conv_dim {conv_dim} must be d_inner {d_inner} + 2 G N (N = "
+                         f"{d_state}) with G dividing nheads {nheads}")
+    need("x", x, (batch, d_model))
+    need("residual", residual, (batch, d_model))
+    need("in_proj_weight", in_proj_weight, (d_inner + conv_dim + nheads, d_model))
+    need("conv_state", conv_state, (batch, conv_dim, width - 1))
+    need("conv_bias", conv_bias, (conv_dim,))
+    need("dt_bias", dt_bias, (nheads,))
+    need("A", A, (nheads,))
+    if D is not None and _shape(D) not in ((nheads,), (nheads, headdim)):
+        raise ValueError(f"mamba2_decode_block: D must be [H={nheads}] or [H, P] = {[nheads, headdim]}, "
+                         f"got {list(_shape(D))}")
+    need("out_proj_weight", out_proj_weight, (d_model, d_inner))
+    if residual_sumsq is not None:
+        if (residual_sumsq.dim() != 2 or residual_sumsq.shape[1] != batch
+                or residual_sumsq.dtype not in (torch.float32, torch.float64)):
+            raise ValueError(f"mamba2_decode_block: residual_sumsq must be float32 [P, B={batch}] (the previous "
+                             f"call's sumsq), got {residual_sumsq.dtype} {list(_shape(residual_sumsq))}")
+        if x is not None:
+            raise ValueError("mamba2_decode_block: residual_sumsq describes `residual` alone; with x given the "
+                             "stream is x + residual, so pass residual_sumsq=None")
+    weights = (in_proj_weight, conv_weight, out_proj_weight)
+    if len({w.dtype for w in weights}) != 1:
+        raise ValueError("mamba2_decode_block: in_proj, conv and out_proj weights must share one dtype, got "
+                         f"{[str(w.dtype) for w in weights]}")
+    tensors = [t for t in (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D,
+                           gate_norm_weight, residual_sumsq, *weights) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"mamba2_decode_block: all tensors must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+
+
+@torch.no_grad()
+def mamba2_decode_block(
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    x: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    in_proj_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_limit: tuple[float, float],
+    gate_norm_weight: torch.Tensor,
+    gate_norm_eps: float,
+    out_proj_weight: torch.Tensor,
+    residual_dtype: torch.dtype | None = None,
+    residual_sumsq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of a pre-norm Mamba-2 block (``residual + Mamba2(RMSNorm(residual))``, no
+    in/out_proj bias, gate applied before the grouped norm) for one token per row; see
+    ``reference.mamba2_decode_block_reference`` for the semantics and shapes.
+
+    x / residual / residual_dtype / residual_sumsq as in :func:`mamba1_decode_block`. conv_state
+    [B, conv_dim, d_conv - 1] and ssm_state [B, H, P, N] (float32) are updated in place. dt_limit: the
+    clamp of the discretized dt, (min, max). Returns (residual_out [B, d_model] in residual_dtype,
+    sumsq [P, B] float32: summed over P, the squares of residual_out's rows).
+    """
+    _check2(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias, dt_bias, A, D,
+            gate_norm_weight, out_proj_weight, residual_sumsq)
+    if residual_dtype is None:
+        residual_dtype = residual.dtype if residual is not None else x.dtype
+    backend = mamba2_decode_backend(conv_state.device)
+    return _BLOCK2[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
+                            conv_bias, dt_bias, A, D, float(dt_limit[0]), float(dt_limit[1]), gate_norm_weight,
+                            gate_norm_eps, out_proj_weight, residual_dtype, residual_sumsq)

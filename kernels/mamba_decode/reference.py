@@ -1,5 +1,5 @@
-"""One decoding step of a whole Mamba-1 block, composed from the existing ops: the semantics that the
-fused kernels (``triton.py``) reproduce.
+"""One decoding step of a whole Mamba-1 block (and, at the end, of a Mamba-2 block), composed from the
+existing ops: the semantics that the fused kernels (``triton.py``, ``triton_mamba2.py``) reproduce.
 
 A pre-norm residual block ``residual + mixer(norm(residual))`` for one token per row, as
 ``core.cuda_graph.decode_step`` runs it op by op:
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from kernels.causal_conv1d import causal_conv1d_step
 from kernels.norm import rms_norm
 from kernels.selective_scan import selective_scan_step
+from kernels.ssd import ssd_step
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +90,67 @@ def mamba1_decode_block_reference(
     dt, B, C = F.linear(xs, x_proj_weight).split([dt_rank, d_state, d_state], dim=-1)
     dt = F.linear(dt, dt_proj_weight)
     y = selective_scan_step(ssm_state, xs, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    out = F.linear(y, out_proj_weight)
+    residual_out = add_residual(out, r, residual_dtype)
+    acc = _acc(residual_dtype)
+    return residual_out, residual_out.to(acc).square().sum(-1)[None]
+
+
+def mamba2_decode_block_reference(
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    x: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    in_proj_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_min: float,
+    dt_max: float,
+    gate_norm_weight: torch.Tensor,
+    gate_norm_eps: float,
+    out_proj_weight: torch.Tensor,
+    residual_dtype: torch.dtype,
+    residual_sumsq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm Mamba-2 block (``core.layers.mamba2.Mamba2``, no in/out_proj bias,
+    ``norm_before_gate=False``) for one token per row, as ``decode_step`` runs it op by op:
+
+        r          = x + residual                      (as in mamba1_decode_block_reference)
+        h          = rms_norm(r) * norm_weight, rounded to the weights' dtype
+        z|xBC|dt   = in_proj(h)                        [B, d_inner | conv_dim | H]
+        xBC        = silu(causal_conv1d_step(xBC, conv_state))        conv_state updated in place
+        x|B|C      = xBC                               [B, d_inner | G N | G N]
+        y          = ssd_step(ssm_state, x [B, H, P], dt, A, B [B, G, N], C, D, dt_bias, softplus,
+                              clamp to [dt_min, dt_max])             ssm_state updated in place
+        y          = gated_rms_norm(y, z) over groups of d_inner / G features (y * silu(z) normed)
+        residual_out = r + out_proj(y)
+
+    Shapes: conv_state [B, conv_dim, d_conv - 1] (conv_dim = d_inner + 2 G N); ssm_state [B, H, P, N]
+    float32; in_proj [d_inner + conv_dim + H, d_model]; conv [conv_dim, d_conv]; conv_bias [conv_dim];
+    dt_bias, A [H] float32; D [H] or [H, P]; gate_norm_weight [d_inner]; out_proj [d_model, d_inner].
+    G = (conv_dim - d_inner) / (2 N). Returns (residual_out [B, d_model] residual_dtype, sumsq [1, B]).
+    """
+    del residual_sumsq  # an optimization of the fused kernels; the norm is recomputed here
+    batch = conv_state.shape[0]
+    nheads, headdim, d_state = ssm_state.shape[1:]
+    d_inner = gate_norm_weight.shape[0]
+    conv_dim = conv_weight.shape[0]
+    ngroups = (conv_dim - d_inner) // (2 * d_state)
+    r = add_residual(x, residual, residual_dtype)
+    h = rms_norm(r, norm_weight, norm_eps).to(in_proj_weight.dtype)
+    z, xBC, dt = F.linear(h, in_proj_weight).split([d_inner, conv_dim, nheads], dim=-1)
+    xBC = causal_conv1d_step(xBC, conv_state, conv_weight, conv_bias, "silu")
+    xs, B, C = xBC.split([d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    y = ssd_step(ssm_state, xs.reshape(batch, nheads, headdim), dt, A,
+                 B.reshape(batch, ngroups, d_state), C.reshape(batch, ngroups, d_state),
+                 D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=(dt_min, dt_max))
+    y = rms_norm(y.reshape(batch, d_inner), gate_norm_weight, gate_norm_eps, z=z,
+                 group_size=d_inner // ngroups, norm_before_gate=False)
     out = F.linear(y, out_proj_weight)
     residual_out = add_residual(out, r, residual_dtype)
     acc = _acc(residual_dtype)

@@ -104,6 +104,21 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
+                    cols, rmask, nmask):
+    """The end of a block step (both mixers' kernel 3): residual_out = round(out_proj's acc) + residual_in
+    (rounded as F.linear rounds it, then added in the norm's order), stored, and this program's partial
+    sums of squares of the rows, which the next block's norm reads instead of the rows."""
+    mask = rmask[:, None] & nmask[None, :]
+    h = _round(acc, wo_ptr.dtype.element_ty).to(tl.float32)
+    h += tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = _round(h, res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + rows[:, None] * stride_rob + cols[None, :], h, mask=mask)
+    h = tl.where(mask, h.to(tl.float32), 0.0)
+    tl.store(ssq_ptr + pid_n.to(tl.int64) * stride_qp + rows, tl.sum(h * h, axis=1), mask=rmask)
+
+
+@triton.jit
 def _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb,
                  HAS_X: tl.constexpr, HAS_RES: tl.constexpr):
     """r = x + residual for a [BB, BK] tile, rounded to the stream's dtype, as float32."""
@@ -295,7 +310,6 @@ def _out_kernel(
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
-    wdt = wo_ptr.dtype.element_ty
     if DOT:
         acc = tl.zeros([BB, BN], dtype=tl.float32)
     else:
@@ -312,14 +326,8 @@ def _out_kernel(
             acc3 += yv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not DOT:
         acc = tl.sum(acc3, axis=2)
-    mask = rmask[:, None] & nmask[None, :]
-    # residual_out = out + r (out_proj's output rounded as F.linear rounds it; the norm's add order).
-    h = _round(acc, wdt).to(tl.float32)
-    h += tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = _round(h, res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + rows[:, None] * stride_rob + cols[None, :], h, mask=mask)
-    h = tl.where(mask, h.to(tl.float32), 0.0)
-    tl.store(ssq_ptr + pid_n.to(tl.int64) * stride_qp + rows, tl.sum(h * h, axis=1), mask=rmask)
+    _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
+                    cols, rmask, nmask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GPU checks and benchmarks of the fused Mamba-1 decoding step (kernels/mamba_decode/triton.py).
+"""GPU checks and benchmarks of the fused Mamba-1 and Mamba-2 decoding steps (kernels/mamba_decode/).
 
 ``run_checks()``:
 - the block step at mamba1-130m's shape (d_model 768, d_inner 1536, N 16, dt_rank 48) in bfloat16 and
@@ -11,6 +11,12 @@
   logits (top-2 gap under ``TIE``);
 - a batch whose SSM state passes 2^31 elements (64-bit offsets), rows at both ends against the
   reference.
+
+The same for the fused Mamba-2 block step (kernels/mamba_decode/triton_mamba2.py, not yet run on a
+GPU): the block step at mamba2-130m's shape (d_model 768, 24 heads of 64, N 128, 1 group) in bfloat16
+and float32 against the float64 reference at batch 1, 3 (GEMV tiles) and 64 (tl.dot tiles); re-runs
+bit-identical; a random-init mamba2-130m, 64 teacher-forced steps fused vs op by op at batch 1 and 64
+(``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` inside the fused runner only). ``--mamba2-only`` runs just those.
 
 ``run_bench()``: one decoding step of mamba1-130m (CUDA-graph replay: embedding, 24 blocks, final norm,
 LM head) fused vs op by op, at batch 1 and 64, and one block step alone (graph of the op) with the bytes
@@ -43,12 +49,18 @@ import torch  # noqa: E402
 
 import kernels.mamba_decode.triton as mdt  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
-from kernels.mamba_decode import mamba1_decode_block  # noqa: E402
+from kernels.mamba_decode import mamba1_decode_block, mamba2_decode_block  # noqa: E402
 from scripts.gpu_checks import check_row, compile_only_launches, graph_ms, nbytes, rel  # noqa: E402
 
 DEV = "cuda"
 SMOKE = False
+MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
+OP2 = "mamba2_decode_block"
+FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
+SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
+SMOKE_SHAPE2 = dict(d_model=32, nheads=4, headdim=16, d_state=16, ngroups=2, width=4)
+BATCHES2 = (1, 3, 64)
 TIE = 0.05  # a greedy token may differ only where the op-by-op top-2 logits are closer than this
 SHAPE = dict(d_model=768, d_inner=1536, d_state=16, dt_rank=48, width=4)
 SMOKE_SHAPE = dict(d_model=32, d_inner=64, d_state=8, dt_rank=2, width=4)
@@ -120,6 +132,40 @@ def run_block(backend: str, args: dict) -> dict:
             "conv_state": args["conv_state"], "ssm_state": args["ssm_state"], "res_out": res_out}
 
 
+def block_args2(batch: int, dtype: torch.dtype, stream: str = "res+ssq", seed: int = 0) -> dict:
+    """Random Mamba-2 block weights (the layer's init scales), states and stream on the device."""
+    d = SMOKE_SHAPE2 if SMOKE else SHAPE2
+    dm, h, p, n, g, w = d["d_model"], d["nheads"], d["headdim"], d["d_state"], d["ngroups"], d["width"]
+    di = h * p
+    cd = di + 2 * g * n
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    args = dict(
+        conv_state=rnd(batch, cd, w - 1).to(dtype), ssm_state=rnd(batch, h, p, n),
+        x=rnd(batch, dm).to(dtype), residual=2 * rnd(batch, dm),
+        norm_weight=(1 + 0.2 * rnd(dm)).to(dtype), norm_eps=1e-5,
+        in_proj_weight=(rnd(di + cd + h, dm) / dm**0.5).to(dtype), conv_weight=(rnd(cd, w) / 2).to(dtype),
+        conv_bias=(0.1 * rnd(cd)).to(dtype), dt_bias=0.5 * rnd(h) - 2, A=-torch.exp(0.5 * rnd(h) + 1),
+        D=rnd(h), dt_limit=(0.0, math.inf), gate_norm_weight=(1 + 0.2 * rnd(di)).to(dtype), gate_norm_eps=1e-5,
+        out_proj_weight=(rnd(dm, di) / di**0.5).to(dtype), residual_dtype=torch.float32)
+    if stream == "x":
+        args["residual"] = None
+    elif stream == "res+ssq":
+        args["x"] = None
+        sq = args["residual"].square().sum(-1)
+        args["residual_sumsq"] = torch.stack([0.5 * sq, 0.5 * sq])
+    return args
+
+
+def run_block2(backend: str, args: dict) -> dict:
+    """run_block for the Mamba-2 block step."""
+    args = _copy(args)
+    with forced_backend(backend, OP2):
+        res_out, sumsq = mamba2_decode_block(**args)
+    return {"delta": res_out.double() - _stream(args), "sumsq": sumsq.double().sum(0),
+            "conv_state": args["conv_state"], "ssm_state": args["ssm_state"], "res_out": res_out}
+
+
 # --------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +190,31 @@ def _block_checks() -> list[dict]:
     same = all(torch.equal(first[k], second[k]) for k in first)
     rows.append(check_row("block step re-run bit-identical", (64,), torch.bfloat16, 0.0 if same else math.inf,
                           None, 0.0))
+    return rows
+
+
+def _m2_block_checks() -> list[dict]:
+    rows = []
+    keys = ("delta", "sumsq", "conv_state", "ssm_state")
+    shape = tuple((SMOKE_SHAPE2 if SMOKE else SHAPE2).values())
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch in BATCHES2:
+            for stream in (("x+res", "x", "res+ssq") if batch in (1, 64) else ("res+ssq",)):
+                args = block_args2(batch, dtype, stream, seed=batch)
+                ours, op_by_op = run_block2("triton", args), run_block2("reference", args)
+                truth = run_block2("reference", _copy(args, torch.float64))
+                err = max(rel(ours[k], truth[k]) for k in keys)
+                base = max(rel(op_by_op[k], truth[k]) for k in keys)
+                vs_op = max(rel(ours[k], op_by_op[k]) for k in keys)
+                tol = 3 * base + 1e-4 if dtype == torch.bfloat16 else 1e-5
+                rows.append(check_row(f"mamba2 block step vs f64 ({stream})", (batch, *shape), dtype, err, None,
+                                      tol, note=f"op-by-op vs f64 {base:.1e}; ours vs op-by-op {vs_op:.1e}"))
+    for batch in (1, 64):
+        args = block_args2(batch, torch.bfloat16, "x+res", seed=9)
+        first, second = run_block2("triton", args), run_block2("triton", args)
+        same = all(torch.equal(first[k], second[k]) for k in first)
+        rows.append(check_row("mamba2 block step re-run bit-identical", (batch,), torch.bfloat16,
+                              0.0 if same else math.inf, None, 0.0))
     return rows
 
 
@@ -175,15 +246,15 @@ def _large_check() -> list[dict]:
 _MODELS: dict = {}
 
 
-def build_model():
-    """A random-init mamba1-130m in bfloat16 (mamba1-tiny in float32 for --cpu-smoke), built once."""
+def build_model(family: str = "mamba1"):
+    """A random-init {family}-130m in bfloat16 ({family}-tiny in float32 for --cpu-smoke), built once."""
     from core.backbone import CausalLM
     from core.presets import get_preset
 
-    key = (DEV, SMOKE)
+    key = (DEV, SMOKE, family)
     if key not in _MODELS:
         torch.manual_seed(0)
-        preset = get_preset("mamba1-tiny") if SMOKE else get_preset("mamba1-130m")
+        preset = get_preset(f"{family}-tiny") if SMOKE else get_preset(f"{family}-130m")
         dtype = torch.float32 if SMOKE else torch.bfloat16
         with torch.device(DEV):  # initialized on the device: seconds less on the GPU machine
             _MODELS[key] = CausalLM(preset).to(dtype).eval()
@@ -192,17 +263,24 @@ def build_model():
 
 @contextlib.contextmanager
 def _step_path(backend: str):
-    """decode_step with the fused block step (backend "triton") or the op-by-op one ("reference"), at
-    every batch size (decode_step's batch limit for the fused step lifted)."""
+    """decode_step with the fused block steps (backend "triton"; the Mamba-2 one switched on through
+    SSM_SUITE_FUSED_MAMBA2_DECODE=1) or the op-by-op ones ("reference"), at every batch size
+    (decode_step's batch limits for the fused steps lifted)."""
     import core.cuda_graph as cuda_graph
 
-    limit = cuda_graph.FUSED_MAMBA1_MAX_BATCH
-    cuda_graph.FUSED_MAMBA1_MAX_BATCH = None
+    limits = cuda_graph.FUSED_MAMBA1_MAX_BATCH, cuda_graph.FUSED_MAMBA2_MAX_BATCH
+    env = os.environ.get(FUSED_MAMBA2_ENV)
+    cuda_graph.FUSED_MAMBA1_MAX_BATCH = cuda_graph.FUSED_MAMBA2_MAX_BATCH = None
+    os.environ[FUSED_MAMBA2_ENV] = "1" if backend == "triton" else "0"
     try:
-        with forced_backend(backend, OP):
+        with forced_backend(backend, OP), forced_backend(backend, OP2):
             yield
     finally:
-        cuda_graph.FUSED_MAMBA1_MAX_BATCH = limit
+        cuda_graph.FUSED_MAMBA1_MAX_BATCH, cuda_graph.FUSED_MAMBA2_MAX_BATCH = limits
+        if env is None:
+            os.environ.pop(FUSED_MAMBA2_ENV, None)
+        else:
+            os.environ[FUSED_MAMBA2_ENV] = env
 
 
 class _Runner:
@@ -236,9 +314,11 @@ def _prefill(model, runner, batch: int, seed: int = 3) -> torch.Tensor:
         return model(ids, cache=runner.begin(ids.shape[1] + STEPS + 2), num_last_tokens=1).logits[:, -1]
 
 
-def _model_checks() -> list[dict]:
+def _model_checks(family: str = "mamba1") -> list[dict]:
+    from core.cuda_graph import decode_step_path
+
     rows = []
-    model = build_model()
+    model = build_model(family)
     steps = 8 if SMOKE else STEPS
     for batch in ((2,) if SMOKE else (1, 64)):
         fused, plain = _runner(model, batch, 16 + steps + 2, True), _runner(model, batch, 16 + steps + 2, False)
@@ -263,18 +343,26 @@ def _model_checks() -> list[dict]:
             untied += int((~same & ~near_tie).sum())
         total = batch * steps
         dtype = next(model.parameters()).dtype
-        rows.append(check_row(f"mamba1-130m {steps} steps, fused vs op-by-op logits", (batch,), dtype,
+        with _step_path("triton"):
+            path = decode_step_path(model, batch)
+        if "fused" not in path:  # the fused step would not run: the comparison would be vacuous
+            errs = [math.inf]
+        rows.append(check_row(f"{family}-130m {steps} steps, fused vs op-by-op logits", (batch,), dtype,
                               max(errs), None, 2e-2,
                               note=f"mean {sum(errs) / len(errs):.1e}; argmax equal {agree}/{total}, differing at "
-                                   f"near-ties {ties}, elsewhere {untied}"))
+                                   f"near-ties {ties}, elsewhere {untied}; fused path: {path}"))
         rows.append(check_row(f"greedy tokens equal except at near-ties (< {TIE})", (batch,), dtype,
                               float(untied), None, 0.0))
         del fused, plain
     return rows
 
 
+def _m2_model_checks() -> list[dict]:
+    return _model_checks("mamba2")
+
+
 def run_checks() -> list[dict]:
-    return _block_checks() + _large_check() + _model_checks()
+    return _block_checks() + _large_check() + _model_checks() + _m2_block_checks() + _m2_model_checks()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,15 +393,17 @@ def _time_replays(runner, reps: int = 200) -> float:
 
 def _block_bytes(args: dict) -> int:
     weights = [args[k] for k in ("in_proj_weight", "conv_weight", "x_proj_weight", "dt_proj_weight",
-                                 "out_proj_weight", "norm_weight")]
+                                 "out_proj_weight", "norm_weight", "gate_norm_weight") if k in args]
     states = [args["conv_state"], args["ssm_state"]]
     return nbytes(*weights) + 2 * nbytes(*states)
 
 
 def _block_ms(backend: str, args: dict) -> float | None:
+    mamba2 = "gate_norm_weight" in args
+
     def go():
-        with forced_backend(backend, OP):
-            mamba1_decode_block(**args)
+        with forced_backend(backend, OP2 if mamba2 else OP):
+            (mamba2_decode_block if mamba2 else mamba1_decode_block)(**args)
     if SMOKE:
         start = time.perf_counter()
         go()
@@ -321,9 +411,9 @@ def _block_ms(backend: str, args: dict) -> float | None:
     return graph_ms(go)
 
 
-def _bench_rows(batches=(1, 64)):
+def _bench_rows(batches=(1, 64), family: str = "mamba1"):
     """Yields the benchmark rows (a generator, so that a caller prints each as it comes)."""
-    model = build_model()
+    model = build_model(family)
     n_layers = len(model.backbone.layers)
     for batch in ((2,) if SMOKE else batches):
         times = {}
@@ -332,11 +422,12 @@ def _bench_rows(batches=(1, 64)):
             _prefill(model, runner, batch)
             times[fused] = _time_replays(runner)
             del runner
-        yield {"kernel": f"decode step, {n_layers} blocks (fused / op-by-op)", "shape": f"batch {batch}",
+        yield {"kernel": f"{family} decode step, {n_layers} blocks (fused / op-by-op)", "shape": f"batch {batch}",
                "ours_fwd_ms": times[True], "baseline_fwd_ms": times[False], "ours_fwdbwd_ms": None,
                "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
-        args = block_args(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
-        yield {"kernel": "one block step (fused / op-by-op)", "shape": f"batch {batch}",
+        make = block_args2 if family == "mamba2" else block_args
+        args = make(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
+        yield {"kernel": f"one {family} block step (fused / op-by-op)", "shape": f"batch {batch}",
                "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("reference", args),
                "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
 
@@ -367,7 +458,7 @@ def _sweep_rows(deadline: float | None):
 
 
 def run_bench(sweep: bool = False, deadline: float | None = None) -> list[dict]:
-    rows = list(_bench_rows())
+    rows = list(_bench_rows()) + list(_bench_rows(family="mamba2"))
     if sweep:
         rows += list(_sweep_rows(deadline))
     return rows
@@ -388,7 +479,24 @@ def precompile(checks: bool = True, sweep: bool = False) -> float:
                     decode_step(model, torch.zeros(batch, dtype=torch.long, device=DEV), cache)
 
     with compile_only_launches():
-        steps((1, 64))
+        if not MAMBA2_ONLY:
+            steps((1, 64))
+        model2 = build_model("mamba2")
+        for batch in (1, 64):
+            for backend in ("triton", "reference"):
+                cache = model2.allocate_cache(batch, 8)
+                with _step_path(backend):
+                    decode_step(model2, torch.zeros(batch, dtype=torch.long, device=DEV), cache)
+        if checks:
+            for batch in BATCHES2:
+                for dtype in (torch.bfloat16, torch.float32):
+                    for stream in ("x+res", "x", "res+ssq"):
+                        args = block_args2(batch, dtype, stream)
+                        run_block2("triton", args)
+                        run_block2("reference", args)
+                        run_block2("reference", _copy(args, torch.float64))
+        if MAMBA2_ONLY:
+            return time.time() - start
         if checks:
             for batch in BATCHES:
                 for dtype in (torch.bfloat16, torch.float32):
@@ -429,7 +537,7 @@ def _fmt(value) -> str:
 def main() -> None:
     import argparse
 
-    global DEV, SMOKE
+    global DEV, SMOKE, MAMBA2_ONLY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time the tile settings in SWEEP")
     parser.add_argument("--budget", type=float, default=None, help="seconds; the sweep stops after it")
@@ -439,7 +547,9 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true",
                         help="after the checks: scripts/bench_generate.py --only throughput --presets mamba1-130m")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
+    parser.add_argument("--mamba2-only", action="store_true", help="only the fused Mamba-2 step's checks and bench")
     args = parser.parse_args()
+    MAMBA2_ONLY = args.mamba2_only
     start = time.time()
     deadline = None if args.budget is None else start + args.budget
     if args.cpu_smoke:
@@ -455,7 +565,8 @@ def main() -> None:
     if not args.skip_checks:
         print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|", flush=True)
         failed = 0
-        for group in (_block_checks, *(() if args.skip_large else (_large_check,)), _model_checks):
+        mamba1 = () if MAMBA2_ONLY else (_block_checks, *(() if args.skip_large else (_large_check,)), _model_checks)
+        for group in (*mamba1, _m2_block_checks, _m2_model_checks):
             try:
                 rows = group()
             except Exception as error:  # noqa: BLE001  (report it and go on)
@@ -478,8 +589,8 @@ def main() -> None:
         return
     print("\n| what | shape | fused ms | op-by-op ms | op-by-op / fused | GB/s (fused) | note |\n"
           "|---|---|---|---|---|---|---|", flush=True)
-    rows = _bench_rows()
-    if args.sweep:
+    rows = _bench_rows(family="mamba2") if MAMBA2_ONLY else itertools.chain(_bench_rows(), _bench_rows(family="mamba2"))
+    if args.sweep and not MAMBA2_ONLY:
         rows = itertools.chain(rows, _sweep_rows(deadline))
     for row in _guarded(rows):
         ours, base = row.get("ours_fwd_ms"), row.get("baseline_fwd_ms")

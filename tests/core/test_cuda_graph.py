@@ -3,7 +3,9 @@ TRITON_INTERPRET=1 on CPU) against the op-by-op step it replaces: logits and sta
 teacher-forced steps (pure Mamba-1, a hybrid whose fused blocks hand the stream to attention / MLP
 blocks and back, a bfloat16 stream, bfloat16 weights), greedy tokens through the graph decoder's code
 path, and which blocks take the fused path (Jamba's inner norms, biases and float64 fall back; CPU
-without a forced backend keeps the op-by-op step)."""
+without a forced backend keeps the op-by-op step). The fused Mamba-2 block step likewise, opt-in through
+SSM_SUITE_FUSED_MAMBA2_DECODE=1: pure Mamba-2, a hybrid of Mamba-1 / Mamba-2 / attention / MLP blocks
+whose fused blocks hand the stream to each other, bfloat16, and the switch itself."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ pytest.importorskip("triton")
 
 import core.cuda_graph as cuda_graph  # noqa: E402
 from core.backbone import CausalLM  # noqa: E402
-from core.config import AttentionConfig, Mamba1Config, ModelConfig  # noqa: E402
-from core.cuda_graph import CUDAGraphDecoder, decode_step, decode_step_path, fused_mamba1_blocks  # noqa: E402
+from core.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig  # noqa: E402
+from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_mamba1_blocks,  # noqa: E402
+                             fused_mamba2_blocks)
 from core.generate import generate  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
 
@@ -28,10 +31,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 OP = "mamba1_decode_block"
+OP2 = "mamba2_decode_block"
 
 
 def config(pattern: str, **overrides) -> ModelConfig:
     values = dict(d_model=32, pattern=pattern, vocab_size=61, mamba1=Mamba1Config(d_state=8),
+                  mamba2=Mamba2Config(d_state=8, headdim=8, ngroups=2),
                   attention=AttentionConfig(n_heads=4, n_kv_heads=2, rope=True))
     values.update(overrides)
     return ModelConfig(**values)
@@ -60,7 +65,8 @@ def teacher_forced(model: CausalLM, batch: int, steps: int, fused: bool):
     cache = model.allocate_cache(batch, 5 + steps)
     with torch.no_grad():
         model(ids, cache=cache)
-    with forced_backend("triton" if fused else "reference", OP):
+    backend = "triton" if fused else "reference"
+    with forced_backend(backend, OP), forced_backend(backend, OP2):
         logits = torch.stack([decode_step(model, token, cache) for token in tokens])
     return logits, cache
 
@@ -141,3 +147,63 @@ def test_blocks_the_fused_step_cannot_take_run_op_by_op():
         forced, _ = teacher_forced(jamba, 2, 2, fused=True)
     plain, _ = teacher_forced(jamba, 2, 2, fused=False)
     assert torch.equal(forced, plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused Mamba-2 block step (opt-in)
+
+
+@pytest.mark.parametrize("pattern,batch", [
+    ("MM", 2),
+    ("SM*M-", 3),  # fused Mamba-1 and Mamba-2 blocks hand the stream to each other and to attention / MLP
+    ("-MM", 17),  # tl.dot tiles
+])
+def test_fused_mamba2_step_equals_op_by_op_step(pattern, batch, monkeypatch):
+    model = build(config(pattern))
+    monkeypatch.delenv(cuda_graph.FUSED_MAMBA2_ENV, raising=False)
+    with forced_backend("triton", OP2):
+        assert fused_mamba2_blocks(model, batch) == [False] * len(pattern)  # off unless opted in
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+    assert fused_mamba2_blocks(model, batch) == [False] * len(pattern)  # CPU default: op by op
+    with forced_backend("triton", OP2), forced_backend("triton", OP):
+        assert fused_mamba2_blocks(model, batch) == [c == "M" for c in pattern]
+        assert "Mamba-2 " in decode_step_path(model, batch if batch <= 4 else 1)
+    fused, cache_f = teacher_forced(model, batch, 3, fused=True)
+    plain, cache_p = teacher_forced(model, batch, 3, fused=False)
+    assert rel(fused, plain) < 1e-5
+    for layer_f, layer_p in zip(cache_f.layers, cache_p.layers):
+        for name in ("conv_state", "ssm_state"):
+            if hasattr(layer_p, name):
+                assert rel(getattr(layer_f, name), getattr(layer_p, name)) < 1e-5, name
+
+
+def test_fused_mamba2_bfloat16_model(monkeypatch):
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+    model = build(config("MM"), torch.bfloat16)
+    fused, _ = teacher_forced(model, 2, 3, fused=True)
+    plain, _ = teacher_forced(model, 2, 3, fused=False)
+    assert rel(fused, plain) < 2e-2
+    assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.8
+
+
+def test_fused_mamba2_greedy_tokens_through_the_graph_code_path(monkeypatch):
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+    model = build(config("MM"))
+    prompts = [[5, 9, 2, 7, 1], [4], [11, 6, 2]]
+    eager = generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=False)
+    with forced_backend("triton", OP2):
+        graphed = generate(model, prompts, max_new_tokens=6, temperature=0,
+                           cuda_graph=CUDAGraphDecoder(model, capture=False))
+    assert graphed.sequences() == eager.sequences()
+
+
+def test_mamba2_blocks_the_fused_step_cannot_take_run_op_by_op(monkeypatch):
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+    biased = build(config("MM", mamba2=Mamba2Config(d_state=8, headdim=8, bias=True)))
+    gated = build(config("MM", mamba2=Mamba2Config(d_state=8, headdim=8, norm_before_gate=True)))
+    double = build(config("MM"), torch.float64)
+    with forced_backend("triton", OP2):
+        assert fused_mamba2_blocks(biased) == [False, False]
+        assert fused_mamba2_blocks(gated) == [False, False]
+        assert fused_mamba2_blocks(double) == [False, False]
+        assert decode_step_path(double) == "op by op (fused add+norm)"
