@@ -151,16 +151,12 @@ def train_to_deadline(model: Any, make_batch: Callable[[int], Any], max_steps: i
                       log_every: int = 100) -> dict[str, Any]:
     """Train like ``train_on_task`` for N <= ``max_steps`` steps, N chosen during the warm-up so that
     training ends by ``train_until`` (a ``time.time()`` value). Returns losses and the timing facts."""
-    import torch
-    from torch import nn
-
-    from core.training import lr_lambda, parameter_groups
+    from domains.lm.tasks.common import task_optimizer, task_step
 
     optim.max_steps = max_steps
     model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, optim), lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    # The lambda reads optim.max_steps when called, so N can change until the warm-up ends.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, optim))
+    # The schedule reads optim.max_steps when called, so N can change until the warm-up ends.
+    optimizer, scheduler = task_optimizer(model, optim)
     losses: list[float] = []
     stamps: list[float] = []       # time.time() after each step
     planned, truncated = max_steps, False
@@ -172,15 +168,8 @@ def train_to_deadline(model: Any, make_batch: Callable[[int], Any], max_steps: i
             if time.time() >= train_until:
                 truncated = True
                 break
-            batch = batches.get(step).to(device)
-            out = model(batch.input_ids, labels=batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(out.ce_loss.detach()))  # also waits for the GPU: the stamps are true
+            # task_step's loss is a host float: it waits for the GPU, so the stamps are true
+            losses.append(task_step(model, batches.get(step).to(device), optimizer, scheduler, grad_clip))
             stamps.append(time.time())
             step += 1
             if step < optim.warmup_steps and step >= CALIBRATE_FROM + RECALIBRATE_EVERY \

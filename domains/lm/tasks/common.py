@@ -185,26 +185,38 @@ def task_model_config(preset: str, vocab_size: int, max_seqlen: int,
     return config
 
 
+def task_optimizer(model: CausalLM, optim: OptimConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over core.training's weight-decay groups, and its warmup + cosine schedule. The schedule
+    reads ``optim.max_steps`` when it is called, so a caller may still change the step count."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, optim), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, optim))
+
+
+def task_step(model: CausalLM, batch: TaskBatch, optimizer: torch.optim.Optimizer, scheduler: Any,
+              grad_clip: float) -> float:
+    """One training step on ``batch`` (already on the model's device); returns its cross-entropy (a host
+    float, so the call waits for the device)."""
+    out = model(batch.input_ids, labels=batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(out.ce_loss.detach())
+
+
 def train_on_task(model: CausalLM, make_batch: Callable[[int], TaskBatch], steps: int, optim: OptimConfig,
                   grad_clip: float = 1.0, log_every: int = 50, device: torch.device | str = "cpu",
                   log: Callable[[str], None] = print) -> list[float]:
     """AdamW with warmup + cosine (core.training's schedule and weight-decay groups) for ``steps``
     steps; ``make_batch(step)`` gives step's batch. Returns the loss of every step."""
     model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, optim), lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, optim))
+    optimizer, scheduler = task_optimizer(model, optim)
     losses: list[float] = []
     started = time.perf_counter()
     for step in range(steps):
-        batch = make_batch(step).to(device)
-        out = model(batch.input_ids, labels=batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(out.ce_loss.detach()))
+        losses.append(task_step(model, make_batch(step).to(device), optimizer, scheduler, grad_clip))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             recent = losses[-log_every:]
             log(f"step {step + 1:5d}/{steps}  loss {sum(recent) / len(recent):.4f}  "
