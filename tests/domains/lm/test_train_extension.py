@@ -4,7 +4,6 @@ experiment=smoke's export), checked against the exports each stage leaves."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import lightning as L
@@ -19,21 +18,6 @@ from core.cli import CONFIG_ROOT
 from core.parallel import checkpointed_blocks
 from core.presets import get_preset
 from domains.lm.tokenizer import LMTokenizer
-
-WORDS = ("the state of a long sequence is kept by the scan while attention reads every key and value "
-         "of the context window in linear or quadratic time").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(1)
-    for i in range(12):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(40)]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
-    return folder
-
 
 def lm_config(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_ROOT / "lm"), version_base="1.3"):
