@@ -133,6 +133,58 @@ def _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride
 
 
 @triton.jit
+def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, wmask, write_stream,
+                  eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1,
+                  DM: tl.constexpr, NQ: tl.constexpr, HAS_X: tl.constexpr, HAS_RES: tl.constexpr,
+                  HAS_SSQ: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                  BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr):
+    """The start of a block step (both mixers' kernel 1): r = x + residual, RMSNorm(r) * norm weight
+    (1 / rms from the previous block's partial sums of squares when HAS_SSQ), times the in_proj rows
+    ``wrow`` (masked by ``wmask``): [BB, BC] float32, rounded to the weights' dtype as F.linear rounds.
+    The program with ``write_stream`` also stores r (out_proj's residual add reads it)."""
+    wdt = win_ptr.dtype.element_ty
+    ss = tl.zeros([BB], dtype=tl.float32)
+    if HAS_SSQ:
+        for q0 in range(0, NQ, BQ):
+            q = q0 + tl.arange(0, BQ)
+            part = tl.load(ssq_ptr + q[:, None] * stride_qp + rows[None, :],
+                           mask=(q[:, None] < NQ) & rmask[None, :], other=0.0)
+            ss += tl.sum(part, axis=0)
+    else:
+        for k0 in range(0, DM, BK):
+            cols = k0 + tl.arange(0, BK)
+            mask = rmask[:, None] & (cols[None, :] < DM)
+            h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
+            ss += tl.sum(h * h, axis=1)
+    rstd = 1.0 / tl.sqrt(ss / DM + eps)
+    # GEMV tiles keep per-lane partial products and reduce once after the loop (no shuffles per chunk).
+    if DOT:
+        acc = tl.zeros([BB, BC], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BB, BC, BK], dtype=tl.float32)
+    for k0 in range(0, DM, BK):
+        cols = k0 + tl.arange(0, BK)
+        kmask = cols < DM
+        mask = rmask[:, None] & kmask[None, :]
+        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
+        if HAS_X:
+            if write_stream:  # one program writes the stream (r) for out_proj's residual add
+                tl.store(stream_ptr + rows[:, None] * stride_sb + cols[None, :],
+                         h.to(stream_ptr.dtype.element_ty), mask=mask)
+        nw = tl.load(nw_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
+        w = tl.load(win_ptr + wrow[:, None] * stride_wi0 + cols[None, :] * stride_wi1,
+                    mask=wmask[:, None] & kmask[None, :], other=0.0)
+        if DOT:
+            acc += _mm(hn, w, DOT, IEEE)
+        else:
+            acc3 += hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
+    return _round(acc, wdt)
+
+
+@triton.jit
 def _in_conv_kernel(
     x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
     stream_ptr, xc_ptr, z_ptr, part_ptr,
@@ -150,54 +202,15 @@ def _in_conv_kernel(
     rmask = rows < batch
     wdt = win_ptr.dtype.element_ty
 
-    # 1 / rms of each row of r = x + residual.
-    if HAS_SSQ:
-        ss = tl.zeros([BB], dtype=tl.float32)
-        for q0 in range(0, NQ, BQ):
-            q = q0 + tl.arange(0, BQ)
-            part = tl.load(ssq_ptr + q[:, None] * stride_qp + rows[None, :],
-                           mask=(q[:, None] < NQ) & rmask[None, :], other=0.0)
-            ss += tl.sum(part, axis=0)
-    else:
-        ss = tl.zeros([BB], dtype=tl.float32)
-        for k0 in range(0, DM, BK):
-            cols = k0 + tl.arange(0, BK)
-            mask = rmask[:, None] & (cols[None, :] < DM)
-            h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
-            ss += tl.sum(h * h, axis=1)
-    rstd = 1.0 / tl.sqrt(ss / DM + eps)
-
     # in_proj rows of this program: channels of the x half, or of the z half (offset by DI).
     NXB: tl.constexpr = (DI + BC - 1) // BC
     is_x = pid_c < NXB
     chan = tl.where(is_x, pid_c, pid_c - NXB).to(tl.int64) * BC + tl.arange(0, BC)
     cmask = chan < DI
     wrow = tl.where(is_x, chan, chan + DI)
-    # GEMV tiles keep per-lane partial products and reduce once after the loop (no shuffles per chunk).
-    if DOT:
-        acc = tl.zeros([BB, BC], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BB, BC, BK], dtype=tl.float32)
-    for k0 in range(0, DM, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < DM
-        mask = rmask[:, None] & kmask[None, :]
-        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
-        if HAS_X:
-            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
-                tl.store(stream_ptr + rows[:, None] * stride_sb + cols[None, :],
-                         h.to(stream_ptr.dtype.element_ty), mask=mask)
-        nw = tl.load(nw_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
-        w = tl.load(win_ptr + wrow[:, None] * stride_wi0 + cols[None, :] * stride_wi1,
-                    mask=cmask[:, None] & kmask[None, :], other=0.0)
-        if DOT:
-            acc += _mm(hn, w, DOT, IEEE)
-        else:
-            acc3 += hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-    v = _round(acc, wdt)  # in_proj's output, rounded as F.linear rounds it
+    v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask, pid_c == 0,
+                      eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
+                      HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
     mask = rmask[:, None] & cmask[None, :]
 
     if is_x:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mamba_decode.triton import MAX_ROWS, MAX_WIDTH, _clamp, _load_stream, _mm, _pow2, _round, _rows, _store_residual
+from kernels.mamba_decode.triton import MAX_ROWS, MAX_WIDTH, _clamp, _mm, _norm_in_proj, _pow2, _round, _rows, _store_residual
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
 MAX_DSTATE = 256
@@ -70,49 +70,12 @@ def _in_conv_kernel(
     rmask = rows < batch
     wdt = win_ptr.dtype.element_ty
 
-    # 1 / rms of each row of r = x + residual.
-    ss = tl.zeros([BB], dtype=tl.float32)
-    if HAS_SSQ:
-        for q0 in range(0, NQ, BQ):
-            q = q0 + tl.arange(0, BQ)
-            part = tl.load(ssq_ptr + q[:, None] * stride_qp + rows[None, :],
-                           mask=(q[:, None] < NQ) & rmask[None, :], other=0.0)
-            ss += tl.sum(part, axis=0)
-    else:
-        for k0 in range(0, DM, BK):
-            cols = k0 + tl.arange(0, BK)
-            mask = rmask[:, None] & (cols[None, :] < DM)
-            h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
-            ss += tl.sum(h * h, axis=1)
-    rstd = 1.0 / tl.sqrt(ss / DM + eps)
-
     # This program's in_proj rows: z (< DI), xBC (the conv channels), dt (the last H rows).
     orow = pid_c.to(tl.int64) * BC + tl.arange(0, BC)
     omask = orow < NR
-    if DOT:
-        acc = tl.zeros([BB, BC], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BB, BC, BK], dtype=tl.float32)
-    for k0 in range(0, DM, BK):
-        cols = k0 + tl.arange(0, BK)
-        kmask = cols < DM
-        mask = rmask[:, None] & kmask[None, :]
-        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
-        if HAS_X:
-            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
-                tl.store(stream_ptr + rows[:, None] * stride_sb + cols[None, :],
-                         h.to(stream_ptr.dtype.element_ty), mask=mask)
-        nw = tl.load(nw_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
-        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
-        w = tl.load(win_ptr + orow[:, None] * stride_wi0 + cols[None, :] * stride_wi1,
-                    mask=omask[:, None] & kmask[None, :], other=0.0)
-        if DOT:
-            acc += _mm(hn, w, DOT, IEEE)
-        else:
-            acc3 += hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-    v = _round(acc, wdt)  # in_proj's output, rounded as F.linear rounds it
+    v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, orow, omask, pid_c == 0,
+                      eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
+                      HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
     mask = rmask[:, None] & omask[None, :]
 
     # Depthwise causal conv + SiLU over the xBC rows (masked elsewhere), adding in the order of the
