@@ -63,10 +63,17 @@ PASS_BLOCK_P = 64
 PASS_BLOCK_N = 64
 PASS_STAGES = 2
 DX_WARPS = 4
-DX_BLOCK_P = 32
+# 64, not 32: with 32-column tiles (4 warps, several chained tl.dot) Triton 3.6's sm_90 build of
+# ``_bwd_dx`` faults with an illegal memory access on an H100 (scripts/gpu_checks/ssd.py --bisect,
+# 2026-11-25: 32 faults at launch, 64 matches the reference), a compiler fault the interpreter cannot show.
+DX_BLOCK_P = 64
 DBC_WARPS = 4
 DBC_BLOCK_N = 64
 DBC_TARGET_PROGRAMS = 1024
+# Compiled kernels run their run-time-bounded loops (the state walks over chunks, ``_bwd_dbc``'s heads)
+# as ``tl.range`` for loops, which the compiler software-pipelines; False runs them as the while loops
+# the interpreter uses (no pipelining): a diagnostic setting (``scripts/gpu_checks/ssd.py --bisect``).
+PIPELINED_LOOPS = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,6 +529,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _use_for() -> bool:
+    """Whether the kernels' run-time-bounded loops are ``tl.range`` for loops (compiled, pipelined) or
+    while loops (the interpreter cannot run a for loop to a run-time bound; ``PIPELINED_LOOPS=False``)."""
+    return PIPELINED_LOOPS and not _interpreting()
+
+
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the per-chunk states are stored in: the inputs' for bf16/fp16 (they are only ever read
     as matrix-product operands, which take that dtype anyway), float32 otherwise."""
@@ -579,7 +592,7 @@ def ssd_fused_fwd(
         x, dt, A, B, _dummy(dt_bias, A), meta, _dummy(initial_state, final), final, dtd, acs, states,
         L, H, G, P, N, NC, dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, HAS_INIT=initial_state is not None, SOFTPLUS=dt_softplus,
-        T=T, BP=sp, BN=sn, DT=DT, USE_FOR=not _interpreting(), STAGES=PASS_STAGES, num_warps=4)
+        T=T, BP=sp, BN=sn, DT=DT, USE_FOR=_use_for(), STAGES=PASS_STAGES, num_warps=4)
     op = min(BP, 64)
     _fwd_out[(NC, R * H, triton.cdiv(P, op))](
         x, _dummy(z, x), C, _dummy(D, A), meta, dtd, acs, cb, states, out,
@@ -637,7 +650,7 @@ def ssd_fused_bwd(
     if NC > 0:
         BK = min(BN, 64)
         DT = _dot_dtype(x)
-        use_for = not _interpreting()
+        use_for = _use_for()
         gs = torch.empty_like(states)  # gradient of the state leaving each chunk
         sp, sn = min(BP, PASS_BLOCK_P), min(BN, PASS_BLOCK_N)
         grid = (R * H, triton.cdiv(P, sp), triton.cdiv(N, sn))

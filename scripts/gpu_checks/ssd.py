@@ -19,6 +19,13 @@ Run directly on the GPU machine (kernels compiled in parallel up front, mamba_ss
     PYTHONPATH=.:/tmp/site python3 scripts/gpu_checks/ssd.py [--sweep] [--profile] [--budget SECONDS]
 and on a CPU through the Triton interpreter at tiny shapes (the same code paths, before a GPU call):
     PYTHONPATH=. python3 scripts/gpu_checks/ssd.py --cpu-smoke
+
+``--bisect`` finds which launch of the fused design faults (a CUDA fault is reported at some later call):
+one check case (``--bisect-case``, default the "layer call, z" check) run in one process per variant of
+``BISECT_VARIANTS`` (each changes one suspect), every launch synchronized before and after, with
+CUDA_LAUNCH_BLOCKING=1; ``--sanitize`` runs them under compute-sanitizer's memcheck (use a small
+``--bisect-shape``). With ``--cpu-smoke`` the children run under the interpreter's bounds checker
+(tests/kernels/triton_bounds.py), and a plain ``--cpu-smoke`` run tries two variants.
 """
 
 from __future__ import annotations
@@ -305,7 +312,7 @@ def _settings(**values):
 
 
 SWEEP = [dict(PASS_BLOCK_N=32), dict(PASS_BLOCK_P=32), dict(PASS_STAGES=3), dict(PASS_STAGES=1),
-         dict(DX_BLOCK_P=16), dict(DX_BLOCK_P=64), dict(DBC_BLOCK_N=32), dict(DBC_TARGET_PROGRAMS=4096),
+         dict(DBC_BLOCK_N=32), dict(DBC_TARGET_PROGRAMS=4096),
          dict(DBC_WARPS=8), dict(MAX_CHUNK=128, DX_WARPS=8, DBC_WARPS=8)]
 
 
@@ -439,6 +446,123 @@ def _warm_calls(checks: bool, gpu_short: bool, designs: tuple[str, ...], sweep: 
     return calls
 
 
+# ----------------------------------------------------------------------------------------------------
+# Bisect: which launch of the fused design faults
+
+
+FUSED_KERNELS = ("_chunk_cb", "_fwd_state", "_fwd_out", "_bwd_state", "_bwd_dx", "_bwd_dbc")
+# Each variant changes one suspect of a GPU fault (module attributes of triton_fused.py); each runs in
+# its own process, since a CUDA fault leaves the process's context unusable.
+BISECT_VARIANTS = {
+    "default": {},
+    "dx_block_p_32": dict(DX_BLOCK_P=32),  # _bwd_dx with [T, 32] wgmma tiles: faulted on the H100 (triton-lang/triton#11366)
+    "pass_stages_1": dict(PASS_STAGES=1),  # the state walks not software-pipelined
+    "while_loops": dict(PIPELINED_LOOPS=False),  # no pipelined loops at all (the interpreter's while loops)
+    "dbc_one_split": dict(DBC_TARGET_PROGRAMS=1),  # _bwd_dbc over all heads of a group, dB/dC in x's dtype
+}
+
+
+class _SyncedLaunch:
+    """Stands in for one kernel of triton_fused.py: each launch synchronizes the device before (a fault
+    of the torch ops since the last launch is told apart) and after it, and reports the launch."""
+
+    def __init__(self, kernel, name: str, log: list):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def _sync(self, where: str) -> None:
+        if DEV != "cuda":
+            return
+        try:
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001  (reported, then the child stops)
+            print(f"FAULT {where}: {type(err).__name__}: {err}", flush=True)
+            raise SystemExit(3) from err
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self._sync(f"before {self.name} (in the torch ops since the previous launch)")
+            start = time.perf_counter()
+            try:
+                self.kernel[grid](*args, **kwargs)
+            except SystemExit:
+                raise
+            except Exception as err:  # noqa: BLE001  (the bounds checker, or a launch-time CUDA error)
+                print(f"FAULT in {self.name} grid={tuple(grid)} (at launch): {type(err).__name__}: {err}", flush=True)
+                raise SystemExit(3) from err
+            self._sync(f"in {self.name} grid={tuple(grid)}")
+            self.log.append(self.name)
+            settings = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}
+            print(f"  launch {len(self.log)}: {self.name} grid={tuple(grid)} ok "
+                  f"({(time.perf_counter() - start) * 1e3:.1f} ms) {settings}", flush=True)
+        return launch
+
+
+def _bisect_case(case: str):
+    matches = [c for c in _check_cases() if case.lower() in c[0].lower()]
+    if not matches:
+        raise SystemExit(f"--bisect-case {case!r} matches none of {[c[0] for c in _check_cases()]}")
+    return matches[0]
+
+
+def _bisect_child(variant: str, case: str, shape: str | None) -> None:
+    """One variant: the fused design's forward and backward of ``case`` (a check of ``_check_cases``),
+    every launch synchronized; on the CPU (--cpu-smoke) under the interpreter's bounds checker too.
+    Prints each launch, then the check's row, or the launch that faulted (exit status 3)."""
+    name, key, dtype, kw = _bisect_case(case)
+    if shape:
+        dims = tuple(int(v) for v in shape.split(","))
+        SHAPES[key] = (dims, dims)
+    log: list[str] = []
+    for kernel in FUSED_KERNELS:
+        setattr(ssf, kernel, _SyncedLaunch(getattr(ssf, kernel), kernel, log))
+    checker = contextlib.nullcontext()
+    if SMOKE:  # the interpreter: every masked address checked against the launch's tensors
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "kernels"))
+        from triton_bounds import bounds_checked
+
+        checker = bounds_checked()
+    print(f"variant {variant} {BISECT_VARIANTS[variant]}: {name}, shape {_shape(key)}, {dtype}", flush=True)
+    with _settings(**BISECT_VARIANTS[variant]), checker:
+        row = _check_scan("fused", name, key, dtype, **kw)
+    print(f"RESULT {'PASS' if row['pass'] else 'FAIL'} fwd {row['err_fwd']:.2e} bwd {row['err_bwd']:.2e} "
+          f"({row['note']}); launches {len(log)}", flush=True)
+
+
+def run_bisect(case: str, variants: list[str], shape: str | None, timeout: float, sanitize: bool) -> list[dict]:
+    """Each variant in a child process (``--bisect-child``); returns one row a variant: which launch
+    faulted, or the check's verdict. ``sanitize``: children under compute-sanitizer's memcheck (names
+    the faulting instruction, address and memory space; slow: use a small ``shape``)."""
+    import shutil
+    import subprocess
+
+    prefix = []
+    if sanitize:
+        tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+        prefix = [tool, "--tool", "memcheck", "--print-limit", "5"]
+    env = dict(os.environ)
+    if not SMOKE:
+        env["CUDA_LAUNCH_BLOCKING"] = "1"  # launches synchronous as well: the fault is reported at its launch
+    rows = []
+    for variant in variants:
+        cmd = [*prefix, sys.executable, __file__, "--bisect-child", variant, "--bisect-case", case]
+        cmd += (["--bisect-shape", shape] if shape else []) + (["--cpu-smoke"] if SMOKE else [])
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            out, code = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as err:
+            out, code = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), None
+        lines = out.splitlines()
+        print(f"--- {variant} (exit {code}, {time.time() - start:.0f} s)", flush=True)
+        shown = [ln for ln in lines if ln.startswith(("  launch", "FAULT", "RESULT", "variant", "========="))]
+        print("\n".join(shown[-60:]) if shown else "\n".join(lines[-30:]), flush=True)
+        fault = next((ln for ln in lines if ln.startswith("FAULT")), None)
+        result = next((ln for ln in lines if ln.startswith("RESULT")), None)
+        verdict = fault or result or ("timed out" if code is None else f"exit {code}: " + " | ".join(lines[-3:]))
+        rows.append(dict(variant=variant, settings=str(BISECT_VARIANTS[variant]), verdict=verdict))
+    return rows
+
+
 def _warm_part(part: int, parts: int, checks: bool, gpu_short: bool, designs: tuple[str, ...], sweep: bool,
                mamba: bool) -> None:
     """One worker's share: calls number part, part + parts, ... (or a share of mamba_ssm's configs)."""
@@ -503,6 +627,15 @@ def main() -> None:
     parser.add_argument("--no-mamba", action="store_true", help="leave out mamba_ssm's timings")
     parser.add_argument("--jobs", type=int, default=8, help="compile worker processes (0: compile on first use)")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
+    parser.add_argument("--bisect", action="store_true",
+                        help="run the fused design's fwd+bwd of one check case launch by launch, synchronized after "
+                             "each, one process per variant (BISECT_VARIANTS), and say which kernel faults")
+    parser.add_argument("--bisect-case", default="layer call, z", help="--bisect: a check name (substring)")
+    parser.add_argument("--bisect-shape", default=None, help="--bisect: batch,L,H,P,G,N instead of the case's")
+    parser.add_argument("--bisect-variants", default=",".join(BISECT_VARIANTS), help="--bisect: which variants")
+    parser.add_argument("--bisect-timeout", type=float, default=150.0, help="--bisect: seconds a variant")
+    parser.add_argument("--sanitize", action="store_true", help="--bisect: children under compute-sanitizer memcheck")
+    parser.add_argument("--bisect-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm-part", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warm-parts", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--warm-mamba", action="store_true", help=argparse.SUPPRESS)
@@ -515,6 +648,18 @@ def main() -> None:
         parser.error(f"unknown design(s) {unknown}; choose from {list(DESIGNS)}")
     if args.cpu_smoke:
         DEV, SMOKE = "cpu", True
+    if args.bisect_child is not None:
+        _bisect_child(args.bisect_child, args.bisect_case, args.bisect_shape)
+        return
+    if args.bisect:
+        variants = [v for v in args.bisect_variants.split(",") if v]
+        unknown = [v for v in variants if v not in BISECT_VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {list(BISECT_VARIANTS)}")
+        print(f"torch {torch.__version__}, device: "
+              f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter, bounds-checked)'}", flush=True)
+        _print_table(run_bisect(args.bisect_case, variants, args.bisect_shape, args.bisect_timeout, args.sanitize))
+        return
     if args.warm_part is not None:
         _warm_part(args.warm_part, args.warm_parts, not args.skip_checks, args.short, designs, args.sweep,
                    args.warm_mamba)
@@ -537,6 +682,8 @@ def main() -> None:
                               f"| {r['name']} | {r['shape']} | {r['dtype']} | {fmt(r['err_fwd'])} | "
                               f"{fmt(r['err_bwd'])} | {'PASS' if r['pass'] else 'FAIL'} | {r['note']} |", flush=True))
         print(f"checks: {sum(not r['pass'] for r in rows)} failed ({time.time() - start:.0f} s)", flush=True)
+    if SMOKE and "fused" in designs:  # keeps --bisect's code path tried: two variants, bounds-checked
+        _print_table(run_bisect("layer call, z", ["default", "dx_block_p_32"], None, 300.0, False))
     if not args.skip_bench and time.time() < deadline:
         _print_table(run_bench(designs, mamba=False))
         print(f"bench done ({time.time() - start:.0f} s)", flush=True)

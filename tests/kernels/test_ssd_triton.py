@@ -1,7 +1,9 @@
 """SSD's Triton backend against the float64 sequential reference, both designs (kernels/ssd/triton.py,
 the default, and kernels/ssd/triton_fused.py, chosen by SSM_SUITE_SSD_TRITON=fused): forward and
 backward (every input's gradient, initial and final states), packed sequences, odd lengths and L=1,
-several dtypes, the one-token step, determinism, the custom ops' registrations, and the clear errors.
+several dtypes, the one-token step, determinism, the custom ops' registrations, and the clear errors;
+the fused design at its real tiling (N=128, P=64, 64-token chunks) under the interpreter's bounds
+checker (tests/kernels/triton_bounds.py, itself tested here), with uninitialized memory poisoned.
 
 The kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are
 defined; kernels.ssd imports them lazily), at small shapes: chunk_size 16, a few heads.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,8 +22,13 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from kernels.dispatch import forced_backend  # noqa: E402
+
+# The bounds checker beside this file (pytest imports tests with --import-mode=importlib: no sys.path entry).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from triton_bounds import OutOfBounds, bounds_checked, poisoned_empty  # noqa: E402
 from kernels.ssd import ssd, ssd_step  # noqa: E402
 from kernels.ssd.reference import ssd_reference, ssd_step_reference  # noqa: E402
 
@@ -250,3 +259,69 @@ def test_clear_errors(sst):
     with forced_backend("triton", "ssd"), pytest.raises(ValueError, match="state size"):
         ssd(x[..., :8], torch.randn(1, 4, 2, device=DEVICE), -torch.ones(2, device=DEVICE),
             torch.randn(1, 4, 1, 300, device=DEVICE), torch.randn(1, 4, 1, 300, device=DEVICE), 16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory safety: the bounds checker, and the fused design under it
+
+
+@triton.jit
+def _copy_kernel(src, dst, n, READ_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[:n] = src[:n]; READ_EXTRA reads that many elements past n (masked off in the store)."""
+    i = tl.arange(0, BLOCK)
+    v = tl.load(src + i, mask=i < n + READ_EXTRA, other=0.0)
+    tl.store(dst + i, v, mask=i < n)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the bounds checker wraps Triton's CPU interpreter")
+def test_bounds_checker_catches_one_element_past_the_end():
+    src, dst = torch.arange(10.0), torch.zeros(10)
+    with bounds_checked() as checker:
+        _copy_kernel[(1,)](src, dst, 10, READ_EXTRA=0, BLOCK=16)  # 16 lanes, 6 masked off: in bounds
+    assert torch.equal(dst, src) and checker.launches == ["_copy_kernel"] and checker.accesses == 2
+    with bounds_checked(), pytest.raises(OutOfBounds, match=r"_copy_kernel: load of 1 element.*'src' \[10\] "
+                                                            r"float32.*0 bytes past its end"):
+        _copy_kernel[(1,)](src, dst, 10, READ_EXTRA=1, BLOCK=16)
+    # A store past the end of a view, into the rest of its buffer: caught against the view's extent,
+    # allowed against the whole storage.
+    buffer = torch.zeros(32)
+    with bounds_checked(), pytest.raises(OutOfBounds, match=r"store of 1 element.*'dst' \[10\]"):
+        _copy_kernel[(1,)](torch.arange(16.0), buffer[:10], 11, READ_EXTRA=0, BLOCK=16)
+    with bounds_checked(views=False):
+        _copy_kernel[(1,)](torch.arange(16.0), buffer[:10], 11, READ_EXTRA=0, BLOCK=16)
+    assert buffer[10] == 10.0
+    # Outside the block, nothing is checked (and the interpreter is restored).
+    _copy_kernel[(1,)](src, dst, 10, READ_EXTRA=1, BLOCK=16)
+
+
+def test_poisoned_empty_fills_uninitialized_memory():
+    originals = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
+    with poisoned_empty():
+        a, b, c = torch.empty(3), torch.empty_like(torch.zeros(2, dtype=torch.bfloat16)), torch.zeros(2).new_empty(4)
+        i = torch.empty(2, dtype=torch.int32)
+    assert a.isnan().all() and b.isnan().all() and c.isnan().all() and (i == 2**30 - 1).all()
+    assert (torch.empty, torch.empty_like, torch.Tensor.new_empty) == originals  # restored
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the bounds checker wraps Triton's CPU interpreter")
+@pytest.mark.parametrize("case", ["layer", "varlen_states", "limits"])
+def test_fused_stays_in_bounds(fused, monkeypatch, case):
+    # The GPU's first fused run (layer call, z: (8, 2048, 24, 64, 1, 128) bf16, no initial state) died of
+    # an illegal memory access. Here, at the same tiling (N=128, P=64, 64-token chunks, the heads of a
+    # group split in two for dB/dC as there), every address each kernel forms is checked against the
+    # tensors of its launch, and uninitialized buffers are NaN, so a read of memory nobody wrote shows.
+    if case == "layer":  # odd length: a partial last chunk
+        monkeypatch.setattr(fused, "DBC_TARGET_PROGRAMS", 12)  # 3 chunks x 2 blocks of N: 2 splits
+        assert fused._head_splits(4, 6) == 2
+        inputs = make_inputs(batch=1, L=150, H=4, P=64, G=1, N=128, dtype=torch.bfloat16, initial_state=False)
+        kwargs = {}
+    elif case == "varlen_states":  # packed sequences, an empty one, initial states, two groups
+        inputs = make_inputs(batch=1, L=27, H=4, P=16, G=2, N=16, dtype=torch.float16, states=4)
+        kwargs = {"cu_seqlens": torch.tensor([0, 5, 5, 26, 27])}
+    else:  # the limit sizes P=128, N=256, D per dim
+        inputs = make_inputs(batch=1, L=70, H=2, P=128, G=2, N=256, D_per_dim=True)
+        kwargs = {}
+    tol = 2e-2 if inputs["x"].dtype == torch.bfloat16 else 5e-3 if inputs["x"].dtype == torch.float16 else F32_TOL
+    with bounds_checked() as checker, poisoned_empty():
+        compare(inputs, tol, tol, chunk_size=256, **kwargs)  # runs as 64-token chunks
+    assert checker.launches == ["_chunk_cb", "_fwd_state", "_fwd_out", "_bwd_state", "_bwd_dx", "_bwd_dbc"]
