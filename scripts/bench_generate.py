@@ -163,6 +163,8 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
 
     row["graph_tok_s"] = batch * args.new_tokens / seconds(decoder, args.repeats)
     row["eager_tok_s"] = batch * args.new_tokens / seconds(False, args.eager_repeats)
+    if args.breakdown:
+        breakdown(model, ids, decoder, kwargs, device, args.repeats, f"{preset} batch {batch}")
     decoder.clear()
     release(device)
 
@@ -177,6 +179,47 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
                      for _ in range(args.repeats)]
             row["mamba_ssm_tok_s"] = batch * args.new_tokens / statistics.mean(times)
     return row
+
+
+def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwargs: dict,
+              device: torch.device, repeats: int, label: str) -> None:
+    """Where a generate call's time goes (to stderr): the prefill alone (one forward of the prompt into a
+    fresh cache, as generate runs it), one graph-replayed step, and the kernels of one whole call by
+    device time and by host time (torch.profiler)."""
+    batch, prompt_len = ids.shape
+    cache = model.allocate_cache(batch, prompt_len + kwargs["max_new_tokens"], device=device)
+
+    def prefill() -> None:
+        cache.reset()
+        with torch.no_grad():
+            model(ids, cache=cache, num_last_tokens=1)
+
+    prefill()
+    prefill_ms = 1e3 * statistics.mean(timed(prefill, device) for _ in range(repeats))
+    runner = decoder.runner(batch, prompt_len + kwargs["max_new_tokens"])
+    runner.cache.reset()
+    with torch.no_grad():
+        model(ids, cache=runner.cache, num_last_tokens=1)
+    token = ids[:, -1]
+    runner.step(token)
+    steps = max(1, min(32, kwargs["max_new_tokens"] - 2))
+    step_ms = 1e3 * timed(lambda: [runner.step(token) for _ in range(steps)], device) / steps
+    whole_ms = 1e3 * timed(lambda: generate(model, ids, cuda_graph=decoder, **kwargs), device)
+    log(f"[breakdown] {label}: whole call {whole_ms:.2f} ms; prefill of {prompt_len} tokens {prefill_ms:.2f} ms; "
+        f"one replayed step {step_ms:.3f} ms x {kwargs['max_new_tokens']} = "
+        f"{step_ms * kwargs['max_new_tokens']:.1f} ms; rest (host, sampling) "
+        f"{whole_ms - prefill_ms - step_ms * kwargs['max_new_tokens']:.1f} ms")
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill()
+        synchronize(device)
+    log(f"[breakdown] {label}: prefill kernels by device time\n"
+        + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
+    log(f"[breakdown] {label}: prefill ops by host time\n"
+        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=70))
 
 
 def throughput_table(rows: list[dict]) -> str:
@@ -320,6 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-steps", type=int, help="timed decoding steps per row (default 32)")
     parser.add_argument("--prefill-chunk", type=int, help="prefill chunk for the latency rows (default 32768; "
                                                           "0: the whole context at once)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per throughput row, print (stderr) the prefill's and one step's time and the "
+                             "prefill's kernels by device and host time")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     quick = args.quick

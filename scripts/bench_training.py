@@ -40,6 +40,25 @@ def time_steps(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, ste
     return statistics.median(times)
 
 
+def profile_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss_fn, label: str) -> None:
+    """One more optimizer step under torch.profiler: the kernels by device time, grouped by name (so a
+    model's time can be set against mamba_ssm's kernel by kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    print(f"\n{label}: one optimizer step's kernels by device time\n"
+          + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60),
+          flush=True)
+
+
 def ours_loss(model, inputs, labels):
     return model(inputs, labels=labels).loss
 
@@ -76,16 +95,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print one step's kernels by device time")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_training needs a CUDA GPU")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, B{args.batch} L{args.seq_len}, bf16 autocast")
+    import os
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, B{args.batch} L{args.seq_len}, "
+          f"bf16 autocast, SSD Triton design: {os.environ.get('SSM_SUITE_SSD_TRITON') or 'default'}")
     rows = []
     for preset in args.presets:
         config = get_preset(preset)
         model = CausalLM(config).cuda()
         tokens = args.batch * args.seq_len
         ours = time_steps(model, args.batch, args.seq_len, config.vocab_size, args.steps, args.warmup, ours_loss)
+        if args.profile:
+            profile_step(model, args.batch, args.seq_len, config.vocab_size, ours_loss, f"{preset} (ours)")
         del model
         torch.cuda.empty_cache()
         theirs = None
@@ -93,9 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         if baseline is not None:
             theirs = time_steps(baseline, args.batch, args.seq_len, config.vocab_size, args.steps, args.warmup,
                                 mamba_ssm_loss)
+            if args.profile:
+                profile_step(baseline, args.batch, args.seq_len, config.vocab_size, mamba_ssm_loss,
+                             f"{preset} (mamba_ssm)")
             del baseline
             torch.cuda.empty_cache()
         rows.append((preset, tokens / ours, None if theirs is None else tokens / theirs))
+        print(f"{preset}: ours {tokens / ours:,.0f} tok/s"
+              + ("" if theirs is None else f", mamba_ssm {tokens / theirs:,.0f} tok/s"), flush=True)
     print("\n| preset | ours tok/s | mamba_ssm tok/s | ours / mamba_ssm |\n|---|---|---|---|")
     for preset, ours, theirs in rows:
         ratio = "n/a" if theirs is None else f"{ours / theirs:.2f}"

@@ -15,6 +15,7 @@ import importlib
 import math
 import pkgutil
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -89,8 +90,13 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def run(ops: list[str] | None) -> tuple[list[list[str]], bool]:
+    """Every module's check rows; each module's rows are also printed as soon as it finishes (a run cut
+    off by a time limit still reports the modules before)."""
     table, ok = [], True
+    started = time.perf_counter()
     for name in discover(ops):
+        first = len(table)
+        print(f"[{name}] checking ({time.perf_counter() - started:.0f} s)", flush=True)
         module, error = load(name)
         rows = []
         if module is not None:
@@ -102,6 +108,7 @@ def run(ops: list[str] | None) -> tuple[list[list[str]], bool]:
         if error is not None:
             table.append([name, error[:100], "-", "-", "-", "-", "FAIL", ""])
             ok = False
+            print("  " + " | ".join(table[-1]), flush=True)
             continue
         for row in rows:
             passed = bool(_get(row, "pass", "passed", "ok", default=False))
@@ -113,6 +120,9 @@ def run(ops: list[str] | None) -> tuple[list[list[str]], bool]:
                 _fmt_err(_get(row, "err_bwd", "rel_err_bwd", "max_rel_err_bwd", "bwd")),
                 "PASS" if passed else "FAIL", str(_get(row, "note", default="")),
             ])
+        for row in table[first:]:
+            print("  " + " | ".join(row), flush=True)
+        print(f"[{name}] done ({time.perf_counter() - started:.0f} s)", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return table, ok

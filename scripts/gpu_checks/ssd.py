@@ -48,7 +48,7 @@ from kernels.ssd import triton as sst  # noqa: E402
 from kernels.ssd import triton_fused as ssf  # noqa: E402
 from kernels.ssd.chunked import ssd_chunked  # noqa: E402
 from kernels.ssd.reference import ssd_step_reference  # noqa: E402
-from scripts.gpu_checks import bench_ms, compile_only_launches, nbytes, rel  # noqa: E402
+from scripts.gpu_checks import bench_ms, nbytes, rel  # noqa: E402
 
 DEV = "cuda"
 SMOKE = False  # --cpu-smoke: CPU tensors, tiny shapes, the interpreter

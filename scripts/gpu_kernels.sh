@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The kernels' GPU evidence (docs/benchmarks.md, docs/kernels/) in one time-boxed call on one GPU:
+#
+#   1. scripts/gpu_checks/ssd.py: both SSD designs' checks at real shapes (kernels compiled in parallel),
+#      their timings beside mamba_ssm's, per-kernel profiles;
+#   2. scripts/gpu_check.py --ops models,mamba_decode: the 130M Mamba-1 / Mamba-2 models converted from
+#      mamba_ssm (logits and training-step gradients) and the fused decode steps; with the fused SSD
+#      design when step 1 passed all its checks (SSM_SUITE_SSD_TRITON=fused), else the default one;
+#   3. scripts/bench_training.py: 130M training tokens/s, ours beside mamba_ssm's MambaLMHeadModel;
+#   4. scripts/bench_generate.py --breakdown: mamba1-130m throughput at batch 1 and 64 beside
+#      mamba_ssm's generate(cg=True), and where a generate call's time goes.
+#
+#   OUT=<folder> bash scripts/gpu_kernels.sh     # on the GPU machine, mamba_ssm unpacked on PYTHONPATH
+#
+# Each step's log is $OUT/<step>.log (scripts/gpu_bench_all.sh); limits in seconds are the variables below.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-gpu_out} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+bash scripts/gpu_bench_all.sh \
+  ssd:"${SSD_S:-190}":"python3 scripts/gpu_checks/ssd.py --short --profile --jobs 8 --budget $(( ${SSD_S:-190} - 10 ))"
+design=first
+if grep -q "^checks: 0 failed" "$OUT/ssd.log" && ! grep -q "| FAIL |" "$OUT/ssd.log"; then design=fused; fi
+echo "SSD design for the model checks and training: $design"
+export SSM_SUITE_SSD_TRITON=$design
+bash scripts/gpu_bench_all.sh \
+  check:"${CHECK_S:-170}":"python3 scripts/gpu_check.py --ops models,mamba_decode --out $OUT/check.md" \
+  train:"${TRAIN_S:-110}":"python3 scripts/bench_training.py --presets mamba1-130m mamba2-130m --steps 5 --warmup 2" \
+  generate:"${GEN_S:-80}":"python3 scripts/bench_generate.py --only throughput --presets mamba1-130m --breakdown"
