@@ -24,8 +24,8 @@ Pieces:
   most ``FUSED_MAMBA1_MAX_BATCH`` rows, every Mamba-1 block it can take
   (:meth:`~core.layers.mamba1.Mamba1.fused_step_unsupported`) runs as one fused block step, 3 kernels
   instead of 7 (:mod:`kernels.mamba_decode`); the other blocks run op by op (:func:`decode_step_path`
-  says which ran). With ``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` (opt-in: these kernels have not yet run on a
-  GPU) Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3 kernels instead
+  says which ran). With ``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` (opt-in: verified on a GPU, not yet
+  timed) Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3 kernels instead
   of 6). ``generate`` uses it with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
@@ -63,9 +63,9 @@ LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a mul
 # mamba1-130m, docs/kernels/mamba_decode.md) it made a step 1.24x faster at batch 1 and 1.5x slower at
 # batch 64, where cuBLAS's matmuls in the op-by-op step win.
 FUSED_MAMBA1_MAX_BATCH: int | None = 4
-# The fused Mamba-2 block step runs only when this environment variable is "1": its kernels have not
-# yet been checked on a GPU (scripts/gpu_checks/mamba_decode.py does that). No batch limit until a GPU
-# run says where the op-by-op step wins.
+# The fused Mamba-2 block step runs only when this environment variable is "1": its kernels pass the GPU
+# checks (scripts/gpu_checks/mamba_decode.py, H100, 2026-11-25) but have not been timed against the
+# op-by-op step, which at batch 64 may win as it does for Mamba-1. No batch limit until that timing.
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"
 FUSED_MAMBA2_MAX_BATCH: int | None = None
 
