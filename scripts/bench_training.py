@@ -1,17 +1,24 @@
 """Training throughput of the 130M presets (tokens/s), ours beside mamba_ssm's MambaLMHeadModel.
 
     PYTHONPATH=. python3 scripts/bench_training.py [--presets mamba1-130m mamba2-130m] [--batch 8 --seq-len 2048]
+        [--rounds 3] [--ssd-designs first,fused] [--profile]
 
 One optimizer step = forward + backward + AdamW (fused) under bf16 autocast, fp32 weights, as the
-training module runs it. Timed with CUDA events after warm-up; the median of the timed steps is reported.
-mamba_ssm's model is built with the same shape (its own default config otherwise) when importable.
+training module runs it. Timed with CUDA events after warm-up; the median of the timed steps is one
+measurement. mamba_ssm's model is built with the same shape (its own default config otherwise) when
+importable. With ``--rounds R`` every variant (ours with each ``--ssd-designs`` design, mamba_ssm) is
+measured R times, interleaved, in this one process: the same-process comparison that separates a real
+difference from the 10-30 % by which the same code varied between GPU machines (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -21,22 +28,30 @@ from core.presets import get_preset
 
 def time_steps(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, steps: int, warmup: int,
                loss_fn) -> float:
-    """Median seconds per optimizer step."""
+    """Median seconds per optimizer step (CUDA events on a GPU; the wall clock on CPU, the smoke test's)."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
     times = []
     for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            seconds = time.perf_counter() - began
         if i >= warmup:
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(seconds)
     return statistics.median(times)
 
 
@@ -95,42 +110,79 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every variant this many times, interleaved (ours, mamba_ssm, ours, ...), "
+                             "and report the median and range: drift of the machine hits all variants alike")
+    parser.add_argument("--ssd-designs", default="",
+                        help="comma-separated SSD Triton designs to time ours with (SSM_SUITE_SSD_TRITON: first, "
+                             "fused), in the same process; default: the environment's")
     parser.add_argument("--profile", action="store_true", help="also print one step's kernels by device time")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script (tiny presets)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_training needs a CUDA GPU")
-    import os
-
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, B{args.batch} L{args.seq_len}, "
-          f"bf16 autocast, SSD Triton design: {os.environ.get('SSM_SUITE_SSD_TRITON') or 'default'}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_training needs a CUDA GPU (--device cpu runs the script's code path on CPU, for tests)")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.profile and args.device != "cuda":
+        parser.error("--profile reports CUDA kernel times: it needs --device cuda")
+    designs = [d for d in args.ssd_designs.split(",") if d] or [os.environ.get("SSM_SUITE_SSD_TRITON", "")]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}, B{args.batch} L{args.seq_len}, "
+          f"bf16 autocast, {args.rounds} round(s) of median-of-{args.steps} steps")
+    tokens = args.batch * args.seq_len
     rows = []
     for preset in args.presets:
         config = get_preset(preset)
-        model = CausalLM(config).cuda()
-        tokens = args.batch * args.seq_len
-        ours = time_steps(model, args.batch, args.seq_len, config.vocab_size, args.steps, args.warmup, ours_loss)
-        if args.profile:
-            profile_step(model, args.batch, args.seq_len, config.vocab_size, ours_loss, f"{preset} (ours)")
-        del model
-        torch.cuda.empty_cache()
-        theirs = None
-        baseline = mamba_ssm_model(preset)
+        # Each variant: (label, model, loss function, SSD design or None). The SSD design is read by the
+        # dispatch at every call, so ours can run with each design in turn in this one process.
+        ours_model = CausalLM(config).to(args.device)
+        uses_ssd = "M" in config.pattern
+        variants = [(f"ours ({d or 'default'} SSD)" if uses_ssd else "ours", ours_model, ours_loss, d)
+                    for d in (designs if uses_ssd else [None])]
+        baseline = mamba_ssm_model(preset) if args.device == "cuda" else None
         if baseline is not None:
-            theirs = time_steps(baseline, args.batch, args.seq_len, config.vocab_size, args.steps, args.warmup,
-                                mamba_ssm_loss)
-            if args.profile:
-                profile_step(baseline, args.batch, args.seq_len, config.vocab_size, mamba_ssm_loss,
-                             f"{preset} (mamba_ssm)")
-            del baseline
+            variants.append(("mamba_ssm", baseline, mamba_ssm_loss, None))
+        times: dict[str, list[float]] = {label: [] for label, *_ in variants}
+        for _ in range(args.rounds):
+            for label, model, loss_fn, design in variants:
+                with _ssd_design(design):
+                    times[label].append(time_steps(model, args.batch, args.seq_len, config.vocab_size, args.steps,
+                                                   args.warmup, loss_fn))
+        if args.profile:
+            for label, model, loss_fn, design in variants:
+                with _ssd_design(design):
+                    profile_step(model, args.batch, args.seq_len, config.vocab_size, loss_fn, f"{preset}, {label}")
+        theirs = statistics.median(times["mamba_ssm"]) if "mamba_ssm" in times else None
+        for label, seconds in times.items():
+            median = statistics.median(seconds)
+            row = (preset, label, tokens / median, tokens / max(seconds), tokens / min(seconds),
+                   None if theirs is None or label == "mamba_ssm" else theirs / median)
+            rows.append(row)
+            print(f"{preset}, {label}: {row[2]:,.0f} tok/s (range {row[3]:,.0f}-{row[4]:,.0f})", flush=True)
+        del ours_model, baseline, variants
+        if args.device == "cuda":
             torch.cuda.empty_cache()
-        rows.append((preset, tokens / ours, None if theirs is None else tokens / theirs))
-        print(f"{preset}: ours {tokens / ours:,.0f} tok/s"
-              + ("" if theirs is None else f", mamba_ssm {tokens / theirs:,.0f} tok/s"), flush=True)
-    print("\n| preset | ours tok/s | mamba_ssm tok/s | ours / mamba_ssm |\n|---|---|---|---|")
-    for preset, ours, theirs in rows:
-        ratio = "n/a" if theirs is None else f"{ours / theirs:.2f}"
-        theirs_s = "n/a" if theirs is None else f"{theirs:,.0f}"
-        print(f"| {preset} | {ours:,.0f} | {theirs_s} | {ratio} |")
+    print("\n| preset | model | tok/s (median of rounds) | range | vs mamba_ssm |\n|---|---|---|---|---|")
+    for preset, label, median, low, high, ratio in rows:
+        print(f"| {preset} | {label} | {median:,.0f} | {low:,.0f}-{high:,.0f} | "
+              f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+@contextlib.contextmanager
+def _ssd_design(design: str | None):
+    """SSM_SUITE_SSD_TRITON set to ``design`` for the body (None: leave the environment alone)."""
+    if design is None:
+        yield
+        return
+    saved = os.environ.get("SSM_SUITE_SSD_TRITON")
+    os.environ["SSM_SUITE_SSD_TRITON"] = design
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SSM_SUITE_SSD_TRITON", None)
+        else:
+            os.environ["SSM_SUITE_SSD_TRITON"] = saved
 
 
 if __name__ == "__main__":
