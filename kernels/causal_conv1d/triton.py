@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
+
 MAX_WIDTH = 8
 
 
@@ -549,8 +551,8 @@ def _tiles(x: torch.Tensor) -> tuple[int, int, int]:
     are coalesced in both the [B, D, L]-contiguous and the channel-last layouts."""
     L = x.shape[-1]
     if x.stride(1) == 1 and x.stride(2) != 1:
-        return 64, min(32, max(16, triton.next_power_of_2(L))), 4
-    return 32, min(128, max(16, triton.next_power_of_2(L))), 4
+        return 64, min(32, max(16, next_power_of_2(L))), 4
+    return 32, min(128, max(16, next_power_of_2(L))), 4
 
 
 # Tiles of the column kernels, (BLOCK_D channels, J groups of 8 positions, warps), per direction and
@@ -592,8 +594,8 @@ def _chunking(n_lblocks: int, batch: int, n_dblocks: int, device: torch.device) 
     is looped over inside a program, which keeps the partial-sum rows (and their reduction) small.
     chunk_iters is a power of two (a compile-time constant: few variants get compiled)."""
     want_chunks = max(1, (8 * _num_sms(device)) // max(1, batch * n_dblocks))
-    chunk_iters = triton.next_power_of_2(triton.cdiv(n_lblocks, min(n_lblocks, want_chunks)))
-    return chunk_iters, triton.cdiv(n_lblocks, chunk_iters)
+    chunk_iters = next_power_of_2(cdiv(n_lblocks, min(n_lblocks, want_chunks)))
+    return chunk_iters, cdiv(n_lblocks, chunk_iters)
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -663,7 +665,7 @@ def causal_conv1d_fwd(
     form = _column_form(x, initial_state, cu_seqlens)
     if x.numel() > 0 and form is not None:
         block_d, groups, warps = COL_TILES["fwd_" + form]
-        grid = (triton.cdiv(L, 8 * groups), batch, triton.cdiv(dim, block_d))
+        grid = (cdiv(L, 8 * groups), batch, cdiv(dim, block_d))
         _conv_fwd_cols_kernel[grid](
             x, weight, bias, y, dim, L, *x.stride(), *weight.stride(), *y.stride(),
             W=width, HAS_BIAS=bias is not None, SILU=silu, CHANNEL_LAST=form == "cl", ACC=acc,
@@ -672,7 +674,7 @@ def causal_conv1d_fwd(
     elif x.numel() > 0:
         seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
         block_d, block_l, warps = _tiles(x)
-        grid = (triton.cdiv(L, block_l), batch, triton.cdiv(dim, block_d))
+        grid = (cdiv(L, block_l), batch, cdiv(dim, block_d))
         _conv_fwd_kernel[grid](
             x, weight, bias, initial_state, y, cu_seqlens, seqidx,
             dim, L, *x.stride(), *weight.stride(), *_strides3(initial_state), *y.stride(),
@@ -685,10 +687,10 @@ def causal_conv1d_fwd(
     rows = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     final = torch.empty(rows, dim, width - 1, device=x.device, dtype=_state_dtype(x.dtype))
     if final.numel() > 0:
-        _final_state_kernel[(rows, triton.cdiv(dim, 64))](
+        _final_state_kernel[(rows, cdiv(dim, 64))](
             x, initial_state, final, cu_seqlens, dim, L, *x.stride(), *_strides3(initial_state),
             *final.stride(), W=width, HAS_INIT=initial_state is not None,
-            IS_VARLEN=cu_seqlens is not None, BLOCK_D=64, BLOCK_K=max(2, triton.next_power_of_2(width - 1)),
+            IS_VARLEN=cu_seqlens is not None, BLOCK_D=64, BLOCK_K=max(2, next_power_of_2(width - 1)),
         )
     return y, final
 
@@ -719,8 +721,8 @@ def causal_conv1d_bwd(
         block_l = 8 * groups
     else:
         block_d, block_l, warps = _tiles(x)
-    n_dblocks = triton.cdiv(dim, block_d)
-    chunk_iters, n_chunks = _chunking(max(1, triton.cdiv(L, block_l)), batch, n_dblocks, x.device)
+    n_dblocks = cdiv(dim, block_d)
+    chunk_iters, n_chunks = _chunking(max(1, cdiv(L, block_l)), batch, n_dblocks, x.device)
     dw_part = torch.empty(batch * n_chunks, dim, width, device=x.device, dtype=acc_dtype)
     db_part = torch.empty(batch * n_chunks, dim, device=x.device, dtype=acc_dtype) if bias is not None else None
     common = dict(W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
@@ -733,7 +735,7 @@ def causal_conv1d_bwd(
                 *x.stride(), *weight.stride(), *dy.stride(), *_strides3(dfinal), *dx.stride(),
                 W=width, HAS_BIAS=bias is not None, HAS_DFINAL=dfinal is not None, SILU=silu,
                 CHANNEL_LAST=form == "cl", ACC=_acc(x.dtype), BLOCK_D=block_d, J=groups,
-                BLOCK_W=triton.next_power_of_2(width), CHUNK_ITERS=chunk_iters,
+                BLOCK_W=next_power_of_2(width), CHUNK_ITERS=chunk_iters,
                 SUM_EACH_TILE=COL_TILES["bwd_sum"] == "tile", num_warps=warps,
             )
         else:
@@ -742,7 +744,7 @@ def causal_conv1d_bwd(
                 x, weight, bias, initial_state, dy, dfinal, dx, dw_part, db_part, cu_seqlens, seqidx,
                 dim, L, n_chunks, *x.stride(), *weight.stride(), *_strides3(initial_state), *dy.stride(),
                 *_strides3(dfinal), *dx.stride(),
-                BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=triton.next_power_of_2(width),
+                BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_W=next_power_of_2(width),
                 CHUNK_ITERS=chunk_iters, num_warps=warps, **common,
             )
         dweight = dw_part.sum(0).to(weight.dtype)
@@ -753,10 +755,10 @@ def causal_conv1d_bwd(
     if initial_state is None:
         return dx, dweight, dbias, x.new_empty(0)
     dinit = torch.empty_like(initial_state)
-    _conv_dinit_kernel[(initial_state.shape[0], triton.cdiv(dim, 64))](
+    _conv_dinit_kernel[(initial_state.shape[0], cdiv(dim, 64))](
         x, weight, bias, initial_state, dy, dfinal, dinit, cu_seqlens, dim, L,
         *x.stride(), *weight.stride(), *_strides3(initial_state), *dy.stride(), *_strides3(dfinal),
-        *dinit.stride(), BLOCK_D=64, BLOCK_K=max(2, triton.next_power_of_2(width - 1)), **common,
+        *dinit.stride(), BLOCK_D=64, BLOCK_K=max(2, next_power_of_2(width - 1)), **common,
     )
     return dx, dweight, dbias, dinit
 
@@ -797,7 +799,7 @@ def causal_conv1d_step_op(
     width = weight.shape[1]
     y = torch.empty_like(x)
     if x.numel() > 0:
-        _conv_step_kernel[(batch, triton.cdiv(dim, 128))](
+        _conv_step_kernel[(batch, cdiv(dim, 128))](
             x, conv_state, weight, bias, y, dim, *x.stride(), *conv_state.stride(), *weight.stride(),
             *y.stride(), W=width, HAS_BIAS=bias is not None, SILU=silu, ACC=_acc(x.dtype), BLOCK_D=128,
         )

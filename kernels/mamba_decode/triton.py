@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
 from kernels.selective_scan.triton import _softplus  # the scan step's softplus, for equal dt
 
 MAX_DSTATE = 256
@@ -348,7 +349,7 @@ def _out_kernel(
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
+    return next_power_of_2(max(1, int(n)))
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -385,18 +386,18 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
     cfg["BR"] = max(16, br) if cfg["DOT2"] else br
     cfg["BNS"] = bns
     cfg["warps2"] = 8 if cfg["BB2"] * cfg["BD"] * bns > 4096 else 4
-    cfg["NP"] = triton.cdiv(d_inner, cfg["BC"])
+    cfg["NP"] = cdiv(d_inner, cfg["BC"])
     # x_proj through kernel 1's partials only while the scan kernel's re-reading of them (every channel
     # block and batch tile reads all of its rows' partials) stays well under in_proj's weight bytes, and
     # the partial product fits in registers.
-    rereads = cfg["NP"] * xproj * 4 * _pow2(batch) * triton.cdiv(d_inner, cfg["BD"])
+    rereads = cfg["NP"] * xproj * 4 * _pow2(batch) * cdiv(d_inner, cfg["BD"])
     cfg["PART"] = (not cfg["DOT"] and rereads <= d_model * d_inner * itemsize
                    and cfg["BB1"] * cfg["BJ"] * cfg["BC"] <= 16384)
     if not cfg["DOT"] and TILES["small"].get("part") is not None:
         cfg["PART"] = bool(TILES["small"]["part"])
     np_rows = cfg["NP"] if cfg["PART"] else 1
     cfg["BP"] = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], bns)), 1, _pow2(np_rows))
-    cfg["NQ"] = triton.cdiv(d_model, cfg["BN"])
+    cfg["NQ"] = cdiv(d_model, cfg["BN"])
     return cfg
 
 
@@ -450,7 +451,7 @@ def mamba1_decode_block_op(
     res_mid = torch.empty_like(res_out) if x is not None else residual
     nq_in = residual_sumsq.shape[0] if residual_sumsq is not None else 1
     bq = _clamp(4096 // cfg["BB1"], 1, _pow2(nq_in))
-    _in_conv_kernel[(2 * cfg["NP"], triton.cdiv(batch, cfg["BB1"]))](
+    _in_conv_kernel[(2 * cfg["NP"], cdiv(batch, cfg["BB1"]))](
         x, residual, residual_sumsq, norm_weight, in_proj_weight, conv_weight, conv_bias, conv_state, x_proj_weight,
         res_mid if x is not None else res_out, xc, z, part, batch, float(norm_eps),
         x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0,
@@ -469,14 +470,14 @@ def mamba1_decode_block_op(
         xdbl = torch.nn.functional.linear(xc, x_proj_weight)
         n_part, strides = 1, (0, *xdbl.stride())
     y = torch.empty(batch, d_inner, device=dev, dtype=wdt)
-    _scan_kernel[(triton.cdiv(d_inner, cfg["BD"]), triton.cdiv(batch, cfg["BB2"]))](
+    _scan_kernel[(cdiv(d_inner, cfg["BD"]), cdiv(batch, cfg["BB2"]))](
         xdbl, dt_proj_weight, dt_bias, A, D, xc, z, ssm_state, y, batch,
         *strides, *dt_proj_weight.stride(), *A.stride(), xc.stride(0), z.stride(0), *ssm_state.stride(),
         y.stride(0),
         DI=d_inner, R=dt_rank, N=d_state, NP=n_part, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=ieee,
         BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=cfg["BP"], num_warps=cfg["warps2"],
     )
-    _out_kernel[(cfg["NQ"], triton.cdiv(batch, cfg["BB3"]))](
+    _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
         y, out_proj_weight, res_mid, res_out, ssq, batch,
         y.stride(0), *out_proj_weight.stride(), res_mid.stride(0), res_out.stride(0), ssq.stride(0),
         DM=d_model, DI=d_inner, DOT=cfg["DOT"], IEEE=ieee, BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"],

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv
 from kernels.mamba_decode.triton import MAX_ROWS, MAX_WIDTH, _clamp, _mm, _norm_in_proj, _pow2, _round, _rows, _store_residual
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
@@ -222,9 +223,9 @@ def tiles(batch: int, d_model: int, d_inner: int, nheads: int, headdim: int, d_s
     bn = _pow2(d_state)
     cfg["BNS"] = bn
     cfg["BP"] = _clamp(TILES["state"] // bn, 1, _pow2(headdim))
-    cfg["NPB"] = triton.cdiv(headdim, cfg["BP"])
+    cfg["NPB"] = cdiv(headdim, cfg["BP"])
     cfg["NPG"] = (nheads // ngroups) * cfg["NPB"]
-    cfg["NQ"] = triton.cdiv(d_model, cfg["BN"])
+    cfg["NQ"] = cdiv(d_model, cfg["BN"])
     return cfg
 
 
@@ -275,7 +276,7 @@ def mamba2_decode_block_op(
     # small tiles are replicated over threads, and one replica could add twice).
     res_mid = torch.empty_like(res_out) if x is not None else residual
     nq_in = residual_sumsq.shape[0] if residual_sumsq is not None else 1
-    _in_conv_kernel[(triton.cdiv(n_rows, cfg["BC"]), triton.cdiv(batch, cfg["BB1"]))](
+    _in_conv_kernel[(cdiv(n_rows, cfg["BC"]), cdiv(batch, cfg["BB1"]))](
         x, residual, residual_sumsq, norm_weight, in_proj_weight, conv_weight, conv_bias, conv_state,
         res_mid if x is not None else res_out, zxd, batch, float(norm_eps),
         x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0,
@@ -294,7 +295,7 @@ def mamba2_decode_block_op(
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, BP=cfg["BP"], BN=cfg["BNS"],
         num_warps=8 if cfg["BP"] * cfg["BNS"] > 2048 else 4,
     )
-    _out_kernel[(cfg["NQ"], triton.cdiv(batch, cfg["BB3"]))](
+    _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
         y, zxd, part, gate_norm_weight, out_proj_weight, res_mid, res_out, ssq, batch, float(gate_norm_eps),
         y.stride(0), zxd.stride(0), part.stride(0), *out_proj_weight.stride(), res_mid.stride(0),
         res_out.stride(0), ssq.stride(0),
@@ -356,7 +357,7 @@ def mamba2_decode_block_triton(
                          "(SSM_SUITE_BACKEND_MAMBA2_DECODE_BLOCK=reference)")
     if ssm_state.dtype != torch.float32:
         raise ValueError(f"mamba2_decode_block (triton): ssm_state must be float32, got {ssm_state.dtype}")
-    if batch * nheads > 2**31 - 1 or triton.cdiv(batch, 16) > 65535:
+    if batch * nheads > 2**31 - 1 or cdiv(batch, 16) > 65535:
         raise ValueError(f"mamba2_decode_block (triton): batch {batch} exceeds the launch grid ({MAX_ROWS} rows "
                          f"and batch x nheads < 2^31); split the batch")
     if residual_dtype not in (torch.float16, torch.bfloat16, torch.float32):

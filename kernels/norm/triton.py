@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
+
 MAX_ROW = 65536  # features per row held in registers by one program
 
 
@@ -131,8 +133,8 @@ def _acc(dtype: torch.dtype):
 
 def _blocks(dim: int, group_size: int) -> tuple[int, int, int]:
     """(BLOCK_G, BLOCK_N, num_warps) for a row of ``dim`` features in groups of ``group_size``."""
-    block_g = triton.next_power_of_2(dim // group_size)
-    block_n = triton.next_power_of_2(group_size)
+    block_g = next_power_of_2(dim // group_size)
+    block_n = next_power_of_2(group_size)
     warps = min(16, max(1, block_g * block_n // 256))
     return block_g, block_n, warps
 
@@ -166,7 +168,7 @@ def rms_norm_fwd(
     block_g, block_n, warps = _blocks(dim, group_size)
     rows_per_prog = 1 if rows <= 16 * _num_sms(x.device) else 4
     if rows > 0:
-        _rms_fwd_kernel[(triton.cdiv(rows, rows_per_prog),)](
+        _rms_fwd_kernel[(cdiv(rows, rows_per_prog),)](
             x, residual, z, weight, out, res_out, rstd, rows, eps,
             x.stride(0), 0 if residual is None else residual.stride(0), 0 if z is None else z.stride(0),
             out.stride(0), res_out.stride(0) if store_res else 0, D=dim, G=group_size,
@@ -202,8 +204,8 @@ def rms_norm_bwd(
     block_g, block_n, warps = _blocks(dim, group_size)
     # About 4 programs per SM, each over a contiguous run of rows (a power of two, so few variants
     # compile); the partial dweight rows are then few.
-    rows_per_prog = triton.next_power_of_2(max(1, triton.cdiv(rows, 4 * _num_sms(h.device))))
-    n_prog = max(1, triton.cdiv(rows, rows_per_prog))
+    rows_per_prog = next_power_of_2(max(1, cdiv(rows, 4 * _num_sms(h.device))))
+    n_prog = max(1, cdiv(rows, rows_per_prog))
     dw_part = torch.empty(n_prog, dim, device=h.device, dtype=acc_dtype)
     if rows > 0:
         _rms_bwd_kernel[(n_prog,)](

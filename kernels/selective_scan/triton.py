@@ -69,6 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
 from kernels.selective_scan import _interpret  # noqa: F401  (interpreter: loops with runtime bounds)
 
 MAX_DSTATE = 256
@@ -595,11 +596,11 @@ def _seq_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _block_n(dstate: int) -> int:
-    return max(2, triton.next_power_of_2(dstate))
+    return max(2, next_power_of_2(dstate))
 
 
 def _n_chunks(L: int) -> int:
-    return triton.cdiv(L, TILES["chunk"])
+    return cdiv(L, TILES["chunk"])
 
 
 def check_inputs(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -616,7 +617,7 @@ def check_inputs(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Ten
         raise ValueError(f"selective_scan (triton): state size N={dstate} exceeds {MAX_DSTATE} "
                          "(the state tile lives in registers); use the chunked backend")
     groups = _groups(B, C, u.dim() + 1)
-    if groups > 65535 or triton.cdiv(dim // groups, min(_tiles(k, dstate)[0] for k in ("fwd", "bwd"))) > 65535:
+    if groups > 65535 or cdiv(dim // groups, min(_tiles(k, dstate)[0] for k in ("fwd", "bwd"))) > 65535:
         raise ValueError(f"selective_scan (triton): G={groups} groups of D/G={dim // groups} channels exceed "
                          "the grid limits (65535 groups, 65535 channel blocks per group); split the channels")
     if u.shape[0] > 2**31 - 1:
@@ -649,7 +650,7 @@ def selective_scan_fwd(
     if save_for_backward and TILES["chunk"] % t:
         t = TILES["bwd"][1]  # the checkpoints sit every CHUNK positions: a whole number of tiles
     k = max(1, TILES["chunk"] // t)
-    n_tiles = triton.cdiv(L, t)
+    n_tiles = cdiv(L, t)
     n_chunks = _n_chunks(L)
     y = _new_bdl(u)
     rows = batch if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -659,7 +660,7 @@ def selective_scan_fwd(
             else u.new_empty(0, dtype=state_dtype))
     seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)
     if u.numel() > 0:
-        _scan_fwd_kernel[(batch, groups, triton.cdiv(dg, block_d))](
+        _scan_fwd_kernel[(batch, groups, cdiv(dg, block_d))](
             u, delta, A, Bv, Cv, D, z, delta_bias, initial_state, y, final, ckpt, cu_seqlens, seqidx,
             dim, dg, L, dstate, n_tiles, n_chunks,
             *u.stride(), *delta.stride(), *_strides(z, 3), *y.stride(), *A.stride(), *Bv.stride(),
@@ -710,12 +711,12 @@ def selective_scan_bwd(
     acc_dtype = _state_dtype(u.dtype)
     block_d, t, warps = _tiles("bwd", dstate)
     k = _chunk_tiles()
-    n_tiles = triton.cdiv(L, t)
+    n_tiles = cdiv(L, t)
     n_chunks = _n_chunks(L)
     if checkpoints.shape != (batch, n_chunks, dim, dstate):
         raise ValueError(f"selective_scan_bwd: checkpoints {tuple(checkpoints.shape)} do not match the chunk "
                          f"length {TILES['chunk']}; forward and backward must use the same TILES['chunk']")
-    n_blocks = triton.cdiv(dg, block_d)
+    n_blocks = cdiv(dg, block_d)
     block_n = _block_n(dstate)
     du = _new_bdl(u)
     ddelta = _new_bdl(delta)
@@ -831,7 +832,7 @@ def selective_scan_step_op(
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     block_d = 32 if dstate <= 32 else 8
     if x.numel() > 0:
-        _scan_step_kernel[(batch, groups, triton.cdiv(dg, block_d))](
+        _scan_step_kernel[(batch, groups, cdiv(dg, block_d))](
             state, x, dt, A, Bv, Cv, D, z, dt_bias, y, dg, dstate,
             *state.stride(), *x.stride(), *dt.stride(), *_strides(z, 2), *y.stride(), *A.stride(),
             *Bv.stride(), *Cv.stride(),

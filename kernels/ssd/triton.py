@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
+
 MAX_CHUNK = 64
 MAX_HEADDIM = 128
 MAX_DSTATE = 256
@@ -488,7 +490,7 @@ def _step_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 def _blocks(P: int, N: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+    return max(16, next_power_of_2(P)), max(16, next_power_of_2(N))
 
 
 def _dot_dtype(x: torch.Tensor):
@@ -541,12 +543,12 @@ def ssd_scan_fwd(
         return out, final, dtd, acs, states
     BP, BN = _blocks(P, N)
     BPs = min(BP, 64)
-    grid = (NC, R * H, triton.cdiv(P, BPs))
+    grid = (NC, R * H, cdiv(P, BPs))
     _fwd_chunk_state[grid](
         x, dt, A, B, _dummy(dt_bias, A), meta, dtd, acs, states,
         L, H, G, P, N, NC, dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, T=T, BP=BPs, BN=BN, DT=_dot_dtype(x), num_warps=4)
-    _fwd_state_pass[(R * H, triton.cdiv(P * N, _PASS_BLOCK))](
+    _fwd_state_pass[(R * H, cdiv(P * N, _PASS_BLOCK))](
         states, acs, meta, _dummy(initial_state, states), final, H, P * N, NC,
         HAS_INIT=initial_state is not None, T=T, BLOCK=_PASS_BLOCK, num_warps=2)
     _fwd_chunk_out[grid](
@@ -601,10 +603,10 @@ def ssd_scan_bwd(
         BP, BN = _blocks(P, N)
         BPs = min(BP, 64)
         ds = torch.empty(R, NC, H, P, N, device=dev, dtype=f32)
-        _bwd_chunk_dstate[(NC, R * H, triton.cdiv(P, BPs))](
+        _bwd_chunk_dstate[(NC, R * H, cdiv(P, BPs))](
             dout, _dummy(z, x), C, meta, acs, ds, L, H, G, P, N, NC,
             HAS_Z=z is not None, T=T, BP=BPs, BN=BN, DT=_dot_dtype(x), num_warps=4)
-        nblk = triton.cdiv(P * N, _PASS_BLOCK)
+        nblk = cdiv(P * N, _PASS_BLOCK)
         ddaend = torch.empty(R, H, NC, nblk, device=dev, dtype=f32)
         _bwd_state_pass[(R * H, nblk)](
             ds, states, acs, meta, _dummy(dfinal, ds), dinit, ddaend, H, P * N, NC, nblk,
@@ -681,7 +683,7 @@ def ssd_step_op(
     y = torch.empty_like(x)
     BP, BN = _blocks(P, N)
     BP = min(BP, max(16, 4096 // BN))  # keep the state tile near 4K elements a program
-    _step_kernel[(batch * H, triton.cdiv(P, BP))](
+    _step_kernel[(batch * H, cdiv(P, BP))](
         state, x, dt, A, B, C, _dummy(D, A), _dummy(z, x), _dummy(dt_bias, A), y,
         H, G, P, N, dt_min, dt_max,
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
@@ -700,7 +702,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
 
 def chunk_len(chunk_size: int) -> int:
     """The chunk the kernels run: chunk_size rounded up to a power of two, clipped to [16, MAX_CHUNK]."""
-    return min(MAX_CHUNK, max(16, triton.next_power_of_2(chunk_size)))
+    return min(MAX_CHUNK, max(16, next_power_of_2(chunk_size)))
 
 
 def _check_limits(where: str, P: int, N: int) -> None:

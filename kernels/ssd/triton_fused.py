@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv
 from kernels.ssd.triton import _blocks, _discretize, _dot_dtype, _dummy, _empty, run_layout
 
 # Launch shapes (module attributes so a benchmark can sweep them): the sequential state walks take a
@@ -588,13 +589,13 @@ def ssd_fused_fwd(
     DT = _dot_dtype(x)
     _chunk_cb[(NC, R * G)](B, C, meta, cb, L, G, N, NC, T=T, BN=BN, BK=BK, DT=DT, num_warps=4)
     sp, sn = min(BP, PASS_BLOCK_P), min(BN, PASS_BLOCK_N)
-    _fwd_state[(R * H, triton.cdiv(P, sp), triton.cdiv(N, sn))](
+    _fwd_state[(R * H, cdiv(P, sp), cdiv(N, sn))](
         x, dt, A, B, _dummy(dt_bias, A), meta, _dummy(initial_state, final), final, dtd, acs, states,
         L, H, G, P, N, NC, dt_min, dt_max,
         HAS_BIAS=dt_bias is not None, HAS_INIT=initial_state is not None, SOFTPLUS=dt_softplus,
         T=T, BP=sp, BN=sn, DT=DT, USE_FOR=_use_for(), STAGES=PASS_STAGES, num_warps=4)
     op = min(BP, 64)
-    _fwd_out[(NC, R * H, triton.cdiv(P, op))](
+    _fwd_out[(NC, R * H, cdiv(P, op))](
         x, _dummy(z, x), C, _dummy(D, A), meta, dtd, acs, cb, states, out,
         L, H, G, P, N, NC,
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
@@ -641,7 +642,7 @@ def ssd_fused_bwd(
     dz = torch.empty_like(x) if z is not None else None
     BP, BN = _blocks(P, N)
     dxp = min(BP, DX_BLOCK_P)
-    npb = triton.cdiv(P, dxp)
+    npb = cdiv(P, dxp)
     # ddt and dA: one partial a block of P (summed below); zeros where no token writes (padding),
     # since ddt is summed whole into ddt_bias.
     ddt = torch.zeros(npb, R, L, H, device=dev, dtype=f32)
@@ -653,7 +654,7 @@ def ssd_fused_bwd(
         use_for = _use_for()
         gs = torch.empty_like(states)  # gradient of the state leaving each chunk
         sp, sn = min(BP, PASS_BLOCK_P), min(BN, PASS_BLOCK_N)
-        grid = (R * H, triton.cdiv(P, sp), triton.cdiv(N, sn))
+        grid = (R * H, cdiv(P, sp), cdiv(N, sn))
         ddaend = torch.empty(R, H, NC, grid[1] * grid[2], device=dev, dtype=f32)
         _bwd_state[grid](
             dout, _dummy(z, x), C, meta, acs, states, _dummy(dfinal, dinit), dinit, gs, ddaend,
@@ -670,7 +671,7 @@ def ssd_fused_bwd(
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, T=T, BP=dxp, BN=BN, BK=BK, DT=DT,
             num_warps=DX_WARPS)
         bn = min(BN, DBC_BLOCK_N)
-        nblk = triton.cdiv(N, bn)
+        nblk = cdiv(N, bn)
         splits = _head_splits(H // G, NC * R * G * nblk)
         if splits == 1:
             dB, dC = torch.empty_like(B), torch.empty_like(C)
