@@ -35,6 +35,7 @@ from core.parallel import (
     activation_checkpointing_callback,
     build_strategy,
     clean_parameter_name,
+    compile_callback,
     is_fsdp_wrapped,
     original_ndim,
 )
@@ -357,7 +358,8 @@ def build_trainer(trainer_cfg: Any, run_dir: str | Any, extra_callbacks: list[An
     under ``strategy=fsdp``) and one each ``val_check_interval`` steps; logs: ``<run_dir>/logs`` (CSV
     and, when installed, TensorBoard). ``strategy`` (auto | ddp | fsdp), ``num_nodes`` and
     ``activation_checkpointing`` go through :func:`core.parallel.build_strategy` and
-    :func:`core.parallel.activation_checkpointing_callback`. ``max_time`` (optional, ``"DD:HH:MM:SS"``)
+    :func:`core.parallel.activation_checkpointing_callback`; ``compile`` / ``compile_backend`` through
+    :func:`core.parallel.compile_callback` (each block ``torch.compile``-d after checkpointing). ``max_time`` (optional, ``"DD:HH:MM:SS"``)
     stops training at that wall-clock time (checked after each step): ``last.ckpt`` is written as the run
     stops, so ``trainer.resume=last`` continues it, e.g. across the time limits of a cluster's jobs.
     """
@@ -381,6 +383,9 @@ def build_trainer(trainer_cfg: Any, run_dir: str | Any, extra_callbacks: list[An
     checkpointing = activation_checkpointing_callback(trainer_cfg)
     if checkpointing is not None:
         callbacks.append(checkpointing)
+    compiling = compile_callback(trainer_cfg)  # after checkpointing: it compiles the wrapped blocks
+    if compiling is not None:
+        callbacks.append(compiling)
     callbacks += extra_callbacks or []
     loggers: list[Any] = [CSVLogger(run_dir, name="logs", version="")]
     if trainer_cfg.get("tensorboard", True):

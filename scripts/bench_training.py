@@ -1,7 +1,7 @@
 """Training throughput of the 130M presets (tokens/s), ours beside mamba_ssm's MambaLMHeadModel.
 
     PYTHONPATH=. python3 scripts/bench_training.py [--presets mamba1-130m mamba2-130m] [--batch 8 --seq-len 2048]
-        [--rounds 3] [--ssd-designs first,fused] [--profile]
+        [--rounds 3] [--ssd-designs first,fused] [--compile] [--profile]
 
 One optimizer step = forward + backward + AdamW (fused) under bf16 autocast, fp32 weights, as the
 training module runs it. Timed with CUDA events after warm-up; the median of the timed steps is one
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -23,6 +24,7 @@ import time
 import torch
 
 from core.backbone import CausalLM
+from core.parallel import compile_blocks
 from core.presets import get_preset
 
 
@@ -117,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated SSD Triton designs to time ours with (SSM_SUITE_SSD_TRITON: first, "
                              "fused), in the same process; default: the environment's")
     parser.add_argument("--profile", action="store_true", help="also print one step's kernels by device time")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with every block torch.compile-d (trainer.compile=true)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script (tiny presets)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -139,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         uses_ssd = "M" in config.pattern
         variants = [(f"ours ({d or 'default'} SSD)" if uses_ssd else "ours", ours_model, ours_loss, d)
                     for d in (designs if uses_ssd else [None])]
+        if args.compile:
+            # The same weights, every block torch.compile-d as trainer.compile=true does (the warm-up steps
+            # compile; the SSD design is read at trace time, so each design gets its own compiled copy).
+            for label, _, loss_fn, design in list(variants):
+                twin = copy.deepcopy(ours_model)
+                compile_blocks(twin, backend=args.compile_backend)
+                variants.append((label + ", compiled", twin, loss_fn, design))
         baseline = mamba_ssm_model(preset) if args.device == "cuda" else None
         if baseline is not None:
             variants.append(("mamba_ssm", baseline, mamba_ssm_loss, None))
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                    None if theirs is None or label == "mamba_ssm" else theirs / median)
             rows.append(row)
             print(f"{preset}, {label}: {row[2]:,.0f} tok/s (range {row[3]:,.0f}-{row[4]:,.0f})", flush=True)
-        del ours_model, baseline, variants
+        del ours_model, baseline, variants, model
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print("\n| preset | model | tok/s (median of rounds) | range | vs mamba_ssm |\n|---|---|---|---|---|")

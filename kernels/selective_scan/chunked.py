@@ -413,6 +413,11 @@ class _ChunkedScan(torch.autograd.Function):
                 grad_bc(grad_Cc), grad_init, None)
 
 
+# Run eagerly under torch.compile (a graph break on each side): traced, this Function's in-place work
+# buffers and layout views came out of AOT autograd's backward with strides its graph did not expect
+# (a view error in the compiled backward of a Mamba-1 block, tests/core/test_parallel.py). It is the CPU
+# form; on a GPU the Triton kernels are custom ops, which compile as single nodes.
+@torch.compiler.disable
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,

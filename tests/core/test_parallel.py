@@ -316,6 +316,69 @@ def test_checkpointed_model_generates_and_exports_like_the_plain_one(tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
+    # aot_eager traces each block through dynamo and AOT autograd as inductor does, without generating
+    # code: the CPU test of the graph capture (custom ops, MoE aux losses, the checkpoint wrapper).
+    from core.generate import generate
+    from core.parallel import COMPILED_ATTR, apply_activation_checkpointing, compile_blocks
+
+    plain = CausalLM(hybrid_config())
+    ids = torch.randint(0, 64, (2, 24))
+    loss_ref, grads_ref = _loss_and_grads(plain, ids)
+    for checkpointing in (False, True):
+        model = copy.deepcopy(plain)
+        if checkpointing:
+            apply_activation_checkpointing(model, "every_n", every_n=2)
+        assert compile_blocks(model, backend="aot_eager") == 4
+        compiled = [m for m in model.modules() if getattr(m, COMPILED_ATTR, None) is not None]
+        expected = ["CheckpointWrapper", "Block", "CheckpointWrapper", "Block"] if checkpointing else ["Block"] * 4
+        assert sorted(type(m).__name__ for m in compiled) == sorted(expected)
+        loss, grads = _loss_and_grads(model, ids)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert model.state_dict().keys() == plain.state_dict().keys()
+        with pytest.raises(ValueError, match="already compiled"):
+            compile_blocks(model, backend="aot_eager")
+
+    # Generation: blocks called with their cache (the sequence mixers) take the eager forward, so a decode
+    # step's changing counters never recompile a graph; cache-free blocks (MLP / MoE) stay compiled.
+    model = copy.deepcopy(plain).eval()
+    compile_blocks(model, backend="aot_eager")
+    compiled_calls = []
+    for index, block in enumerate(model.backbone.layers):
+        inner = getattr(block, COMPILED_ATTR)
+        setattr(block, COMPILED_ATTR, lambda *a, _i=index, _f=inner, **k: compiled_calls.append(_i) or _f(*a, **k))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    a = generate(plain.eval(), prompts, max_new_tokens=5, temperature=0.0, seed=0).sequences()
+    b = generate(model, prompts, max_new_tokens=5, temperature=0.0, seed=0).sequences()
+    assert a == b
+    assert set(compiled_calls) == {i for i, c in enumerate(model.config.pattern) if c in "-E"}
+    compiled_calls.clear()
+    model(torch.randint(0, 64, (1, 8)))  # no cache: every block compiled
+    assert compiled_calls == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="no core.backbone.Block"):
+        compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_compile_callback_from_the_trainer_config():
+    from omegaconf import OmegaConf
+
+    from core.parallel import CompileBlocks, compile_callback
+
+    assert compile_callback(OmegaConf.create({"compile": False})) is None
+    assert compile_callback(OmegaConf.create({})) is None
+    callback = compile_callback(OmegaConf.create({"compile": True}))
+    assert isinstance(callback, CompileBlocks) and callback.backend == "inductor"
+    assert compile_callback(OmegaConf.create({"compile": True, "compile_backend": "aot_eager"})).backend == "aot_eager"
+    with pytest.raises(ValueError, match="not a torch.compile backend"):
+        compile_callback(OmegaConf.create({"compile": True, "compile_backend": "inductr"}))
+    with pytest.raises(ValueError, match="strategy=fsdp"):
+        compile_callback(OmegaConf.create({"compile": True, "strategy": "fsdp"}))
+    with pytest.raises(ValueError, match="use true or false"):
+        compile_callback(OmegaConf.create({"compile": "yes"}))
+
+
 def test_parse_activation_checkpointing():
     from core.parallel import parse_activation_checkpointing
 

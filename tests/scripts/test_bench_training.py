@@ -36,6 +36,13 @@ def test_rounds_and_ssd_designs_on_cpu(capsys, monkeypatch):
         assert 0 < low <= median <= high
 
 
+def test_compiled_variant_on_cpu(capsys):
+    bench_training.main(["--device", "cpu", "--presets", "mamba1-tiny", "--batch", "1", "--seq-len", "16",
+                         "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager"])
+    rows = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| mamba")]
+    assert rows == ["ours", "ours, compiled"]
+
+
 def test_profile_needs_cuda():
     with pytest.raises(SystemExit):
         bench_training.main(["--device", "cpu", "--presets", "mamba2-tiny", "--profile"])

@@ -90,6 +90,29 @@ def test_resume_reproduces_the_uninterrupted_run(corpus: Path, tmp_path: Path, m
     assert interrupted.losses[1] == pytest.approx(whole.losses[1], rel=1e-6)
 
 
+def test_compiled_blocks_train_like_eager_ones(corpus: Path, tmp_path: Path, monkeypatch):
+    # trainer.compile with aot_eager (dynamo + AOT autograd, no code generation: fast on CPU), together with
+    # activation checkpointing: the same losses step by step, and the run exports and samples as usual.
+    from core.parallel import COMPILED_ATTR
+
+    class RecordCompiled(RecordLosses):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.compiled = [type(m).__name__ for m in pl_module.modules()
+                             if getattr(m, COMPILED_ATTR, None) is not None]
+
+    eager, compiled = RecordCompiled(), RecordCompiled()
+    run_train(monkeypatch, lm_config("train", train_overrides(corpus, tmp_path / "a",
+                                                              "trainer.activation_checkpointing=true")), eager)
+    run_train(monkeypatch, lm_config("train", train_overrides(
+        corpus, tmp_path / "b", "trainer.activation_checkpointing=true", "trainer.compile=true",
+        "trainer.compile_backend=aot_eager")), compiled)
+    assert eager.compiled == [] and compiled.compiled == ["CheckpointWrapper"] * 6  # hybrid-tiny's 6 blocks
+    assert sorted(compiled.losses) == sorted(eager.losses) == list(range(1, 7))
+    for step, loss in eager.losses.items():
+        assert compiled.losses[step] == pytest.approx(loss, rel=1e-5)
+    assert (tmp_path / "b" / "run" / "export" / "model.safetensors").is_file()
+
+
 def test_resume_without_checkpoint_names_the_fix(corpus: Path, tmp_path: Path):
     cfg = lm_config("train", train_overrides(corpus, tmp_path, "trainer.resume=last"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
