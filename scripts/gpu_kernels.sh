@@ -8,7 +8,8 @@
 #      design when step 1 passed all its checks (SSM_SUITE_SSD_TRITON=fused), else the default one;
 #   3. scripts/bench_training.py: 130M training tokens/s, ours (both SSD designs) beside mamba_ssm's
 #      MambaLMHeadModel, 3 interleaved rounds in one process, eager and with trainer.compile's per-block
-#      torch.compile;
+#      torch.compile; then Mamba-2 at B2 x L16384 with both SSD designs (where the fused one is faster
+#      alone: which design is the default at long L);
 #   4. scripts/bench_generate.py --breakdown: mamba1-130m throughput at batch 1 and 64 beside
 #      mamba_ssm's generate(cg=True), and where a generate call's time goes;
 #   5. scripts/gpu_checks/mamba_decode.py --mamba2-only --skip-checks: the fused Mamba-2 block step's time
@@ -31,5 +32,6 @@ export SSM_SUITE_SSD_TRITON=$design
 bash scripts/gpu_bench_all.sh \
   check:"${CHECK_S:-170}":"python3 scripts/gpu_check.py --ops models,mamba_decode --out $OUT/check.md" \
   train:"${TRAIN_S:-240}":"python3 scripts/bench_training.py --presets mamba1-130m mamba2-130m --steps 5 --warmup 2 --rounds 3 --ssd-designs first,fused --compile" \
+  train_long:"${TRAIN_LONG_S:-120}":"python3 scripts/bench_training.py --presets mamba2-130m --batch 2 --seq-len 16384 --steps 3 --warmup 2 --rounds 2 --ssd-designs first,fused" \
   generate:"${GEN_S:-80}":"python3 scripts/bench_generate.py --only throughput --presets mamba1-130m --breakdown" \
   decode2:"${DECODE2_S:-60}":"python3 scripts/gpu_checks/mamba_decode.py --mamba2-only --skip-checks"
