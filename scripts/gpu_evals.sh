@@ -10,7 +10,7 @@
 # EVAL_S after its start. Results: $OUT (default runs/gpu_evals) gets results.tar.gz (one JSON per
 # run, the logs, nvidia-smi samples; rewritten every 20 s, so a kill leaves the latest), tables.md
 # and env.txt. Knobs: JOBS (parallel runs), TASKS, MODELS, TRAIN_S, TRAIN_S_INDUCTION, EVAL_S (seconds
-# from a run's start), WORK (scratch folder).
+# from a run's start), WORK (scratch folder), COMPILE=1 (compile every block).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -54,7 +54,8 @@ if [ "$smoke" = 1 ]; then
   declare -A train_s=()
 else
   parallel=${JOBS:-20}; eval_s=${EVAL_S:-345}; default_train_s=${TRAIN_S:-255}
-  common=(device=cuda threads=1)
+  # COMPILE=1: every block torch.compile-d (compile=true): the d_model-64 models are launch-bound.
+  common=(device=cuda threads=1 $([ "${COMPILE:-0}" = 1 ] && echo compile=true))
   declare -A shrink=()
   # Induction heads stops training earlier: its evaluation goes up to 2^20 tokens per sequence.
   declare -A train_s=([induction_heads-gpu]=${TRAIN_S_INDUCTION:-200})

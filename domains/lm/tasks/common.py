@@ -295,7 +295,7 @@ class TaskRun:
 
 def prepare_task_run(c: Mapping[str, Any]) -> TaskRun:
     """The :class:`TaskRun` of a composed task config (a plain mapping: ``task``, ``model``, ``run``,
-    ``device``, ``threads``)."""
+    ``device``, ``threads``, optionally ``compile`` / ``compile_backend``)."""
     from domains.lm.evaluate import pick_device
 
     task_cfg, model_cfg = dict(c["task"]), c["model"]
@@ -311,6 +311,11 @@ def prepare_task_run(c: Mapping[str, Any]) -> TaskRun:
     model_config = task_model_config(str(model_cfg["preset"]), vocab, longest, model_cfg.get("overrides"))
     torch.manual_seed(seed)
     model = CausalLM(model_config).to(device)
+    if c.get("compile"):
+        from core.parallel import compile_blocks
+
+        # Training and scoring (cache-free calls) run compiled; the export holds the same state dict.
+        compile_blocks(model, backend=str(c.get("compile_backend") or "inductor"))
     optim_fields = dict(task_cfg["optim"])
     optim_fields["betas"] = tuple(optim_fields.get("betas", (0.9, 0.95)))
     optim = OptimConfig(**{**optim_fields, "max_steps": int(task_cfg["steps"])})

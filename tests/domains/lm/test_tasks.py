@@ -205,6 +205,21 @@ def test_run_task_writes_results_and_a_loadable_export(tmp_path: Path) -> None:
     assert model.config.vocab_size == load_task("phonebook").vocab_size(name_vocab=8)
 
 
+def test_compiled_task_model_trains_like_the_eager_one(tmp_path: Path) -> None:
+    losses = {}
+    for compiled in (False, True):
+        with initialize_config_dir(config_dir=str(CONFIG_ROOT / "lm"), version_base="1.3"):
+            cfg = compose("task", overrides=[
+                "task=mqar", "model=hybrid-tiny", "task.steps=3", "task.batch_size=4", "device=cpu",
+                "run.name=test", f"run.dir={tmp_path / str(compiled)}", "task.eval_options.samples=4", "log_every=1",
+                "task.train=[{seq_len: 32, num_kv: 4, vocab: 64}]", "task.eval=[{seq_len: 32, num_kv: 4, vocab: 64}]",
+                f"compile={str(compiled).lower()}", "compile_backend=aot_eager"])
+        results = run_task(cfg)
+        losses[compiled] = (results["final_loss"], results["rows"][0]["accuracy"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert load_export(tmp_path / "True" / "export").config.pattern == "M--*M-"
+
+
 def test_every_shipped_task_config_composes() -> None:
     names = sorted(p.stem for p in (CONFIG_ROOT / "lm" / "task").glob("*.yaml"))
     assert {"selective_copying", "induction_heads", "mqar", "phonebook"} <= set(names)
