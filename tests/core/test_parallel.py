@@ -360,6 +360,20 @@ def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
     with pytest.raises(ValueError, match="no core.backbone.Block"):
         compile_blocks(torch.nn.Linear(2, 2))
 
+    # The audio domain's multi-scale U-Net: blocks at every level, compiled, same loss and gradients.
+    from core.multiscale import MultiScaleConfig, MultiScaleLM
+
+    base = ModelConfig(d_model=16, pattern="S-", vocab_size=32, mamba1=Mamba1Config(d_state=4))
+    multiscale = MultiScaleLM(MultiScaleConfig(model=base, pools=[2], expand=2))
+    reference = copy.deepcopy(multiscale)
+    assert compile_blocks(multiscale, backend="aot_eager") == sum(isinstance(m, Block) for m in reference.modules())
+    ids = torch.randint(0, 32, (2, 8))
+    loss, grads = _loss_and_grads(multiscale, ids)
+    loss_ref, grads_ref = _loss_and_grads(reference, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
 
 def test_compile_callback_from_the_trainer_config():
     from omegaconf import OmegaConf
