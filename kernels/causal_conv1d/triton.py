@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2
+from kernels.host import cdiv, next_power_of_2, op_function
 
 MAX_WIDTH = 8
 
@@ -791,6 +791,10 @@ def _backward(ctx, dy, dfinal):
 causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The training path's autograd: the registered one, without torch.library's per-call wrapper (kernels/host.py).
+_CausalConv1dFunction = op_function(causal_conv1d_fwd, _setup_context, _backward, differentiable_outputs=2)
+
+
 @torch.library.custom_op("ssm_suite::causal_conv1d_step", mutates_args=("conv_state",))
 def causal_conv1d_step_op(
     x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
@@ -826,8 +830,9 @@ def causal_conv1d_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton causal depthwise conv1d; same contract as ``causal_conv1d_reference``."""
     check_inputs(x, weight, bias, activation, initial_state, cu_seqlens)
-    y, final = causal_conv1d_fwd(x, weight, bias, activation is not None, initial_state,
-                                 return_final_state, cu_seqlens)
+    args = (x, weight, bias, activation is not None, initial_state, return_final_state, cu_seqlens)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
+    y, final = _CausalConv1dFunction.apply(*args) if grads else causal_conv1d_fwd(*args)
     return (y, final) if return_final_state else y
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2
+from kernels.host import cdiv, next_power_of_2, op_function
 
 MAX_ROW = 65536  # features per row held in registers by one program
 
@@ -256,6 +256,10 @@ def _backward(ctx, dout, dres_out, drstd):
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The training path's autograd: the registered one, without torch.library's per-call wrapper (kernels/host.py).
+_RMSNormFunction = op_function(rms_norm_fwd, _setup_context, _backward, differentiable_outputs=2)
+
+
 def rms_norm_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -285,9 +289,9 @@ def rms_norm_triton(
     prenorm = residual is not None or residual_out_dtype is not None
     if prenorm and residual_out_dtype is None:
         residual_out_dtype = residual.dtype
-    out, res_out, _ = rms_norm_fwd(
-        _rows(x, dim), weight, float(eps), None if z is None else _rows(z, dim), group_size,
-        norm_before_gate, None if residual is None else _rows(residual, dim), residual_out_dtype,
-    )
+    args = (_rows(x, dim), weight, float(eps), None if z is None else _rows(z, dim), group_size,
+            norm_before_gate, None if residual is None else _rows(residual, dim), residual_out_dtype)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z, residual))
+    out, res_out, _ = _RMSNormFunction.apply(*args) if grads else rms_norm_fwd(*args)
     out = out.reshape(x.shape)
     return (out, res_out.reshape(x.shape)) if prenorm else out

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2
+from kernels.host import cdiv, next_power_of_2, op_function
 from kernels.selective_scan import _interpret  # noqa: F401  (interpreter: loops with runtime bounds)
 
 MAX_DSTATE = 256
@@ -815,6 +815,10 @@ def _backward(ctx, dy, dfinal, _dckpt):
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The training path's autograd: the registered one, without torch.library's per-call wrapper (kernels/host.py).
+_SelectiveScanFunction = op_function(selective_scan_fwd, _setup_context, _backward, differentiable_outputs=2)
+
+
 @torch.library.custom_op("ssm_suite::selective_scan_step", mutates_args=("state",))
 def selective_scan_step_op(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -869,8 +873,8 @@ def selective_scan_triton(
     check_inputs(u, A, B, C, cu_seqlens, [delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens])
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    y, final, _ = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                     return_final_state, cu_seqlens, save)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, cu_seqlens, save)
+    y, final, _ = _SelectiveScanFunction.apply(*args) if save else selective_scan_fwd(*args)
     return (y, final) if return_final_state else y
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2
+from kernels.host import cdiv, next_power_of_2, op_function
 
 MAX_CHUNK = 64
 MAX_HEADDIM = 128
@@ -669,6 +669,8 @@ def _fwd_backward(ctx, dout, dfinal, _ddtd, _dacs, _dstates):
 
 
 torch.library.register_autograd("ssm_suite::ssd_scan_fwd", _fwd_backward, setup_context=_fwd_setup)
+# The training path's autograd: the registered one, without torch.library's per-call wrapper (kernels/host.py).
+_SSDFunction = op_function(ssd_scan_fwd, _fwd_setup, _fwd_backward, differentiable_outputs=2)
 
 
 @torch.library.custom_op("ssm_suite::ssd_step", mutates_args=("state",))
@@ -755,15 +757,16 @@ def ssd_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SSD through the Triton kernels; arguments and results as :func:`kernels.ssd.reference.ssd_reference`."""
     return run_layout(ssd_scan_fwd, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                      initial_state, return_final_state, cu_seqlens)
+                      initial_state, return_final_state, cu_seqlens, forward_function=_SSDFunction)
 
 
 def run_layout(forward_op, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
-               return_final_state, cu_seqlens, check_grid=None):
+               return_final_state, cu_seqlens, check_grid=None, forward_function=None):
     """What both Triton designs do around their forward custom op: float64 to the exact chunked path,
     the limit checks, packed sequences laid out chunk-aligned (``_layout``) and the outputs put back.
     ``forward_op(x, dt, A, B, C, D, z, dt_bias, initial_state, meta, T, nseq, dt_softplus, dt_min,
-    dt_max)`` returns ``(y, final, *saved)``; ``check_grid(batch, H, G, T, P, N)`` adds a design's limits."""
+    dt_max)`` returns ``(y, final, *saved)``; ``check_grid(batch, H, G, T, P, N)`` adds a design's limits;
+    ``forward_function`` (:func:`kernels.host.op_function` of the op) runs it where gradients are needed."""
     if x.dtype == torch.float64:  # the kernels compute in float32; float64 keeps its exact path
         from kernels.ssd.chunked import ssd_chunked
         return ssd_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_state,
@@ -784,6 +787,10 @@ def run_layout(forward_op, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
         return t.contiguous()
 
     c = (lambda t: None if t is None else t.contiguous())
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (x, dt, A, B, C, D, z, dt_bias, initial_state))
+    if grads and forward_function is not None:
+        forward_op = forward_function.apply
     y, final, *_ = forward_op(
         lay(x), lay(dt), c(A), lay(B), lay(C), c(D), lay(z), c(dt_bias), c(initial_state), meta, T, nseq,
         dt_softplus, float(dt_limit[0]), float(dt_limit[1]))

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv
+from kernels.host import cdiv, op_function
 from kernels.ssd.triton import _blocks, _discretize, _dot_dtype, _dummy, _empty, run_layout
 
 # Launch shapes (module attributes so a benchmark can sweep them): the sequential state walks take a
@@ -731,6 +731,8 @@ def _fwd_backward(ctx, dout, dfinal, _ddtd, _dacs, _dstates, _dcb):
 
 
 torch.library.register_autograd("ssm_suite::ssd_fused_fwd", _fwd_backward, setup_context=_fwd_setup)
+# The training path's autograd: the registered one, without torch.library's per-call wrapper (kernels/host.py).
+_SSDFusedFunction = op_function(ssd_fused_fwd, _fwd_setup, _fwd_backward, differentiable_outputs=2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,4 +770,5 @@ def ssd_triton_fused(
     """SSD through the fused Triton kernels; arguments and results as
     :func:`kernels.ssd.reference.ssd_reference`."""
     return run_layout(ssd_fused_fwd, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
-                      initial_state, return_final_state, cu_seqlens, check_grid=_check_grid)
+                      initial_state, return_final_state, cu_seqlens, check_grid=_check_grid,
+                      forward_function=_SSDFusedFunction)
