@@ -1,10 +1,12 @@
-"""kernels/host.py's launch helpers equal Triton's own (which cost ~6 us a host call in Triton 3.6)."""
+"""kernels/host.py: the launch helpers equal Triton's own (which cost ~6 us a host call in Triton 3.6),
+and ``op_function`` gives a custom op's registered autograd through a plain autograd.Function."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from kernels.host import cdiv, next_power_of_2
+from kernels.host import cdiv, next_power_of_2, op_function
 
 triton = pytest.importorskip("triton")
 
@@ -19,3 +21,43 @@ def test_cdiv_matches_triton():
 def test_next_power_of_2_matches_triton():
     for n in list(range(0, 1100)) + [2**31 - 1, 2**31, 2**31 + 1, 3 * 2**40]:
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+@torch.library.custom_op("ssm_suite_test::scale_and_stats", mutates_args=())
+def _scale_and_stats(x: torch.Tensor, w: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy op shaped like the kernels' forward ops: an output and a saved tensor for the backward."""
+    return x * w, (x * x).sum(-1)
+
+
+@_scale_and_stats.register_fake
+def _(x, w, flag):
+    return torch.empty_like(x), x.new_empty(x.shape[:-1])
+
+
+def _setup(ctx, inputs, output):
+    x, w, flag = inputs
+    ctx.save_for_backward(x, w)
+    ctx.flag = flag
+
+
+def _backward(ctx, dy, dstats):
+    x, w = ctx.saved_tensors
+    assert ctx.flag is True
+    return dy * w, (dy * x).sum(0), None
+
+
+_scale_and_stats.register_autograd(_backward, setup_context=_setup)
+
+
+def test_op_function_matches_the_registered_autograd():
+    function = op_function(_scale_and_stats, _setup, _backward, differentiable_outputs=1)
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+    y, stats = function.apply(x, w, True)
+    assert not stats.requires_grad and y.requires_grad  # the saved output is not differentiable
+    y.square().sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    y_op, _ = _scale_and_stats(x, w, True)  # the op's own (torch.library) autograd
+    y_op.square().sum().backward()
+    assert torch.equal(y, y_op) and torch.equal(grads[0], x.grad) and torch.equal(grads[1], w.grad)
+    torch.library.opcheck(_scale_and_stats, (x.detach(), w.detach(), True))
