@@ -42,7 +42,9 @@ any other weight (no expert parallelism).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -442,14 +444,23 @@ class ActivationCheckpointing(Callback):
 # torch.compile per block
 # --------------------------------------------------------------------------------------------------
 
-COMPILED_ATTR = "_ssm_suite_compiled"  # on a compiled block: its compiled forward
+COMPILED_ATTR = "_ssm_suite_compiled"  # on a compiled block: its _CompiledForward
+
+
+@dataclass
+class _CompiledForward:
+    """A block's compiled forward, with the block it was compiled for and the backend."""
+
+    owner: int  # id() of the block
+    backend: str
+    fn: Any
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every residual block of ``model`` in place: the module tree, parameter names and
     ``state_dict`` keys stay as they are, so checkpoints and exports do not change. A checkpoint-wrapped
     block is compiled with its wrapper, so the recompute runs compiled too. Calls with an inference cache
-    (generation) stay eager.
+    (generation) stay eager; a ``copy.deepcopy`` of a compiled model compiles its own blocks on first use.
 
     Per block, as torchtitan does: each block kind compiles once (blocks of one kind share code and
     shapes), far faster than tracing the whole model, and the embedding, the final norm and the chunked
@@ -466,22 +477,29 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     if any(getattr(m, COMPILED_ATTR, None) is not None for m in sites):
         raise ValueError("compile_blocks: the model's blocks are already compiled (apply it once)")
     for module in sites:
-        _compile_training_forward(module, backend)
+        setattr(module, COMPILED_ATTR, _compiled_forward(module, backend))
+        # A bound method (not a closure): copy.deepcopy rebinds it to the copy.
+        module.forward = types.MethodType(_dispatching_forward, module)
     return len(sites)
 
 
-def _compile_training_forward(module: nn.Module, backend: str) -> None:
-    """Route ``module``'s cache-free calls (training, evaluation) through a compiled forward and its
-    calls with an inference cache (generation) through the eager one: a decoding step changes the
-    cache's host-side counters every call, which would recompile the graph each step."""
-    eager = module.forward
-    setattr(module, COMPILED_ATTR, torch.compile(eager, backend=backend))
+def _compiled_forward(module: nn.Module, backend: str) -> _CompiledForward:
+    return _CompiledForward(id(module), backend,
+                            torch.compile(types.MethodType(type(module).forward, module), backend=backend))
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-        return eager(*args, **kwargs) if cache is not None else getattr(module, COMPILED_ATTR)(*args, **kwargs)
 
-    module.forward = forward
+def _dispatching_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A compiled block's forward: cache-free calls (training, evaluation) run compiled, calls with an
+    inference cache (generation) run eagerly, since a decoding step changes the cache's host-side
+    counters every call, which would recompile the graph each step."""
+    cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+    if cache is not None:
+        return type(self).forward(self, *args, **kwargs)
+    compiled = getattr(self, COMPILED_ATTR)
+    if compiled.owner != id(self):  # a deep copy carries its original's compiled function: compile its own
+        compiled = _compiled_forward(self, compiled.backend)
+        setattr(self, COMPILED_ATTR, compiled)
+    return compiled.fn(*args, **kwargs)
 
 
 def compile_callback(trainer_cfg: Any) -> Any | None:

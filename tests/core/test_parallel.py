@@ -347,8 +347,9 @@ def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
     compile_blocks(model, backend="aot_eager")
     compiled_calls = []
     for index, block in enumerate(model.backbone.layers):
-        inner = getattr(block, COMPILED_ATTR)
-        setattr(block, COMPILED_ATTR, lambda *a, _i=index, _f=inner, **k: compiled_calls.append(_i) or _f(*a, **k))
+        compiled = getattr(block, COMPILED_ATTR)
+        inner = compiled.fn
+        compiled.fn = lambda *a, _i=index, _f=inner, **k: compiled_calls.append(_i) or _f(*a, **k)
     prompts = [[1, 2, 3, 4], [5, 6]]
     a = generate(plain.eval(), prompts, max_new_tokens=5, temperature=0.0, seed=0).sequences()
     b = generate(model, prompts, max_new_tokens=5, temperature=0.0, seed=0).sequences()
@@ -357,6 +358,21 @@ def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
     compiled_calls.clear()
     model(torch.randint(0, 64, (1, 8)))  # no cache: every block compiled
     assert compiled_calls == [0, 1, 2, 3]
+
+    # A deep copy of a compiled model runs its own blocks (its own weights), compiled afresh on first use.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    compiled_calls.clear()
+    probe = torch.randint(0, 64, (1, 8))
+    reference = copy.deepcopy(plain).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(twin(probe).logits, reference(probe).logits, rtol=1e-5, atol=1e-6)
+    assert compiled_calls == []  # the copy did not run the original's compiled functions
+    assert all(getattr(b, COMPILED_ATTR).owner == id(b) for b in twin.backbone.layers)
     with pytest.raises(ValueError, match="no core.backbone.Block"):
         compile_blocks(torch.nn.Linear(2, 2))
 
