@@ -58,6 +58,26 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_stream_and_weights(op: str, batch: int, x: torch.Tensor | None, residual_sumsq: torch.Tensor | None,
+                              weights: dict[str, torch.Tensor], others: tuple[torch.Tensor | None, ...]) -> None:
+    """The checks both fused block steps share: the carried sum of squares, one dtype for the weights,
+    one device for every tensor."""
+    if residual_sumsq is not None:
+        if (residual_sumsq.dim() != 2 or residual_sumsq.shape[1] != batch
+                or residual_sumsq.dtype not in (torch.float32, torch.float64)):
+            raise ValueError(f"{op}: residual_sumsq must be float32 [P, B={batch}] (the previous call's sumsq), "
+                             f"got {residual_sumsq.dtype} {list(_shape(residual_sumsq))}")
+        if x is not None:
+            raise ValueError(f"{op}: residual_sumsq describes `residual` alone; with x given the stream is "
+                             "x + residual, so pass residual_sumsq=None")
+    if len({w.dtype for w in weights.values()}) != 1:
+        raise ValueError(f"{op}: {', '.join(weights)} weights must share one dtype, got "
+                         f"{[str(w.dtype) for w in weights.values()]}")
+    tensors = [t for t in (*others, residual_sumsq, *weights.values()) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+
+
 def _check(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias,
            x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_sumsq) -> None:
     def need(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> None:
@@ -91,23 +111,11 @@ def _check(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv
     need("D", D, (d_inner,))
     need("out_proj_weight", out_proj_weight, (d_model, d_inner))
     need("ssm_state", ssm_state, (batch, d_inner, d_state))
-    if residual_sumsq is not None:
-        if (residual_sumsq.dim() != 2 or residual_sumsq.shape[1] != batch
-                or residual_sumsq.dtype not in (torch.float32, torch.float64)):
-            raise ValueError(f"mamba1_decode_block: residual_sumsq must be float32 [P, B={batch}] (the previous "
-                             f"call's sumsq), got {residual_sumsq.dtype} {list(_shape(residual_sumsq))}")
-        if x is not None:
-            raise ValueError("mamba1_decode_block: residual_sumsq describes `residual` alone; with x given the "
-                             "stream is x + residual, so pass residual_sumsq=None")
-    weights = (in_proj_weight, conv_weight, x_proj_weight, dt_proj_weight, out_proj_weight)
-    if len({w.dtype for w in weights}) != 1:
-        raise ValueError("mamba1_decode_block: in_proj, conv, x_proj, dt_proj and out_proj weights must share "
-                         f"one dtype, got {[str(w.dtype) for w in weights]}")
-    tensors = [t for t in (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D,
-                           residual_sumsq, *weights) if t is not None]
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"mamba1_decode_block: all tensors must be on one device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
+    _check_stream_and_weights(
+        "mamba1_decode_block", batch, x, residual_sumsq,
+        {"in_proj": in_proj_weight, "conv": conv_weight, "x_proj": x_proj_weight, "dt_proj": dt_proj_weight,
+         "out_proj": out_proj_weight},
+        (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D))
 
 
 @torch.no_grad()
@@ -220,23 +228,10 @@ def _check2(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, con
         raise ValueError(f"mamba2_decode_block: D must be [H={nheads}] or [H, P] = {[nheads, headdim]}, "
                          f"got {list(_shape(D))}")
     need("out_proj_weight", out_proj_weight, (d_model, d_inner))
-    if residual_sumsq is not None:
-        if (residual_sumsq.dim() != 2 or residual_sumsq.shape[1] != batch
-                or residual_sumsq.dtype not in (torch.float32, torch.float64)):
-            raise ValueError(f"mamba2_decode_block: residual_sumsq must be float32 [P, B={batch}] (the previous "
-                             f"call's sumsq), got {residual_sumsq.dtype} {list(_shape(residual_sumsq))}")
-        if x is not None:
-            raise ValueError("mamba2_decode_block: residual_sumsq describes `residual` alone; with x given the "
-                             "stream is x + residual, so pass residual_sumsq=None")
-    weights = (in_proj_weight, conv_weight, out_proj_weight)
-    if len({w.dtype for w in weights}) != 1:
-        raise ValueError("mamba2_decode_block: in_proj, conv and out_proj weights must share one dtype, got "
-                         f"{[str(w.dtype) for w in weights]}")
-    tensors = [t for t in (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D,
-                           gate_norm_weight, residual_sumsq, *weights) if t is not None]
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"mamba2_decode_block: all tensors must be on one device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
+    _check_stream_and_weights(
+        "mamba2_decode_block", batch, x, residual_sumsq,
+        {"in_proj": in_proj_weight, "conv": conv_weight, "out_proj": out_proj_weight},
+        (conv_state, ssm_state, x, residual, norm_weight, conv_bias, dt_bias, A, D, gate_norm_weight))
 
 
 @torch.no_grad()
