@@ -219,6 +219,14 @@ def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Te
                                for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_loss_and_grads(loss, grads, loss_ref, grads_ref) -> None:
+    """A wrapped model (checkpointed, compiled) against the plain one: the same loss and every gradient."""
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _saved_tensor_count(model: torch.nn.Module, ids: torch.Tensor) -> int:
     count = 0
 
@@ -249,10 +257,8 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     loss, grads = _loss_and_grads(checkpointed, ids)
     hook.remove()
     assert calls["n"] == 2  # the forward, then the recompute in the backward
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
-    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(plain.parameters()))
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    _assert_same_loss_and_grads(loss, grads, loss_ref, grads_ref)
+    assert len(grads) == len(list(plain.parameters()))
     # What the backward keeps: only the blocks' inputs instead of every intermediate.
     assert _saved_tensor_count(checkpointed, ids) < _saved_tensor_count(plain, ids) / 3
 
@@ -290,11 +296,7 @@ def test_activation_checkpointing_every_n_and_other_backbones():
     n_blocks = sum(isinstance(m, Block) for m in multiscale.modules())
     assert apply_activation_checkpointing(multiscale) == n_blocks == checkpointed_blocks(multiscale) == 4
     ids = torch.randint(0, 32, (2, 8))
-    loss, grads = _loss_and_grads(multiscale, ids)
-    loss_ref, grads_ref = _loss_and_grads(reference, ids)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    _assert_same_loss_and_grads(*_loss_and_grads(multiscale, ids), *_loss_and_grads(reference, ids))
     bidirectional = BidirectionalBackbone(base)
     assert apply_activation_checkpointing(bidirectional) == 4  # both directions' blocks
 
@@ -333,10 +335,7 @@ def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
         compiled = [m for m in model.modules() if getattr(m, COMPILED_ATTR, None) is not None]
         expected = ["CheckpointWrapper", "Block", "CheckpointWrapper", "Block"] if checkpointing else ["Block"] * 4
         assert sorted(type(m).__name__ for m in compiled) == sorted(expected)
-        loss, grads = _loss_and_grads(model, ids)
-        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
-        for name in grads_ref:
-            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+        _assert_same_loss_and_grads(*_loss_and_grads(model, ids), loss_ref, grads_ref)
         assert model.state_dict().keys() == plain.state_dict().keys()
         with pytest.raises(ValueError, match="already compiled"):
             compile_blocks(model, backend="aot_eager")
@@ -384,11 +383,7 @@ def test_compiled_blocks_keep_loss_gradients_keys_and_generation(tmp_path):
     reference = copy.deepcopy(multiscale)
     assert compile_blocks(multiscale, backend="aot_eager") == sum(isinstance(m, Block) for m in reference.modules())
     ids = torch.randint(0, 32, (2, 8))
-    loss, grads = _loss_and_grads(multiscale, ids)
-    loss_ref, grads_ref = _loss_and_grads(reference, ids)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    _assert_same_loss_and_grads(*_loss_and_grads(multiscale, ids), *_loss_and_grads(reference, ids))
 
 
 def test_compile_callback_from_the_trainer_config():
