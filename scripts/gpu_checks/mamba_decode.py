@@ -476,47 +476,39 @@ def precompile(checks: bool = True, sweep: bool = False) -> float:
     model = build_model()
     from core.cuda_graph import decode_step
 
-    def steps(batches, backends=("triton", "reference")):
+    def steps(model, batches, backends=("triton", "reference")):
         for batch in batches:
             for backend in backends:
                 cache = model.allocate_cache(batch, 8)
                 with _step_path(backend):
                     decode_step(model, torch.zeros(batch, dtype=torch.long, device=DEV), cache)
 
+    def blocks(batches, make_args, run):  # the block checks' calls: each dtype and stream form
+        for batch in batches:
+            for dtype in (torch.bfloat16, torch.float32):
+                for stream in ("x+res", "x", "res+ssq"):
+                    args = make_args(batch, dtype, stream)
+                    run("triton", args)
+                    run("reference", args)
+                    run("reference", _copy(args, torch.float64))
+
     with compile_only_launches():
         if not MAMBA2_ONLY:
-            steps((1, 64))
-        model2 = build_model("mamba2")
-        for batch in (1, 64):
-            for backend in ("triton", "reference"):
-                cache = model2.allocate_cache(batch, 8)
-                with _step_path(backend):
-                    decode_step(model2, torch.zeros(batch, dtype=torch.long, device=DEV), cache)
+            steps(model, (1, 64))
+        steps(build_model("mamba2"), (1, 64))
         if checks:
-            for batch in BATCHES2:
-                for dtype in (torch.bfloat16, torch.float32):
-                    for stream in ("x+res", "x", "res+ssq"):
-                        args = block_args2(batch, dtype, stream)
-                        run_block2("triton", args)
-                        run_block2("reference", args)
-                        run_block2("reference", _copy(args, torch.float64))
+            blocks(BATCHES2, block_args2, run_block2)
         if MAMBA2_ONLY:
             return time.time() - start
         if checks:
-            for batch in BATCHES:
-                for dtype in (torch.bfloat16, torch.float32):
-                    for stream in ("x+res", "x", "res+ssq"):
-                        args = block_args(batch, dtype, stream)
-                        run_block("triton", args)
-                        run_block("reference", args)
-                        run_block("reference", _copy(args, torch.float64))
+            blocks(BATCHES, block_args, run_block)
             run_block("reference", block_args(4, torch.bfloat16, "x+res"))  # the 2^31 check's end rows
         if sweep:
             default = dict(mdt.TILES)
             for batch, override in SWEEP:
                 mdt.TILES = {**default, **override}
                 try:
-                    steps((batch,), ("triton",))
+                    steps(model, (batch,), ("triton",))
                     run_block("triton", block_args(batch, torch.bfloat16, "x+res"))
                 finally:
                     mdt.TILES = default
