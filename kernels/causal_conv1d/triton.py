@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2, op_function
+from kernels.host import call_op, cdiv, next_power_of_2, op_function
 
 MAX_WIDTH = 8
 
@@ -782,7 +782,7 @@ def _backward(ctx, dy, dfinal):
     if dy is None:
         dy = torch.zeros_like(x)
     dfinal = dfinal if (ctx.return_final_state and dfinal is not None) else None
-    dx, dweight, dbias, dinit = causal_conv1d_bwd(x, weight, bias, ctx.silu, initial_state, cu_seqlens,
+    dx, dweight, dbias, dinit = call_op(causal_conv1d_bwd, x, weight, bias, ctx.silu, initial_state, cu_seqlens,
                                                   dy, dfinal)
     return (dx, dweight, dbias if bias is not None else None, None,
             dinit if initial_state is not None else None, None, None)
@@ -832,7 +832,7 @@ def causal_conv1d_triton(
     check_inputs(x, weight, bias, activation, initial_state, cu_seqlens)
     args = (x, weight, bias, activation is not None, initial_state, return_final_state, cu_seqlens)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state))
-    y, final = _CausalConv1dFunction.apply(*args) if grads else causal_conv1d_fwd(*args)
+    y, final = _CausalConv1dFunction.apply(*args) if grads else call_op(causal_conv1d_fwd, *args)
     return (y, final) if return_final_state else y
 
 

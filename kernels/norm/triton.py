@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2, op_function
+from kernels.host import call_op, cdiv, next_power_of_2, op_function
 
 MAX_ROW = 65536  # features per row held in registers by one program
 
@@ -247,7 +247,7 @@ def _backward(ctx, dout, dres_out, drstd):
     dres_out = dres_out if ctx.prenorm else None
     if dout is None:
         dout = torch.zeros(h.shape, device=h.device, dtype=ctx.x_dtype)
-    dx, dweight, dz, dres = rms_norm_bwd(h, weight, z, rstd, ctx.group_size, ctx.norm_before_gate,
+    dx, dweight, dz, dres = call_op(rms_norm_bwd, h, weight, z, rstd, ctx.group_size, ctx.norm_before_gate,
                                          dout, dres_out, ctx.x_dtype, ctx.residual_dtype)
     return (dx, dweight, None, dz if z is not None else None, None, None,
             dres if ctx.residual_dtype is not None else None, None)
@@ -292,6 +292,6 @@ def rms_norm_triton(
     args = (_rows(x, dim), weight, float(eps), None if z is None else _rows(z, dim), group_size,
             norm_before_gate, None if residual is None else _rows(residual, dim), residual_out_dtype)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z, residual))
-    out, res_out, _ = _RMSNormFunction.apply(*args) if grads else rms_norm_fwd(*args)
+    out, res_out, _ = _RMSNormFunction.apply(*args) if grads else call_op(rms_norm_fwd, *args)
     out = out.reshape(x.shape)
     return (out, res_out.reshape(x.shape)) if prenorm else out

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2, op_function
+from kernels.host import call_op, cdiv, next_power_of_2, op_function
 from kernels.selective_scan import _interpret  # noqa: F401  (interpreter: loops with runtime bounds)
 
 MAX_DSTATE = 256
@@ -805,7 +805,8 @@ def _backward(ctx, dy, dfinal, _dckpt):
     if dy is None:
         dy = torch.zeros_like(u)
     dfinal = dfinal if (ctx.return_final_state and dfinal is not None) else None
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = call_op(
+        selective_scan_bwd,
         u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, cu_seqlens, ckpt, dy, dfinal)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
             dbias if delta_bias is not None else None, None,
@@ -874,7 +875,7 @@ def selective_scan_triton(
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, cu_seqlens, save)
-    y, final, _ = _SelectiveScanFunction.apply(*args) if save else selective_scan_fwd(*args)
+    y, final, _ = _SelectiveScanFunction.apply(*args) if save else call_op(selective_scan_fwd, *args)
     return (y, final) if return_final_state else y
 
 

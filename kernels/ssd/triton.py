@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, next_power_of_2, op_function
+from kernels.host import call_op, cdiv, next_power_of_2, op_function
 
 MAX_CHUNK = 64
 MAX_HEADDIM = 128
@@ -660,7 +660,8 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, dfinal, _ddtd, _dacs, _dstates):
     x, dt, A, B, C, D, z, dt_bias, meta, dtd, acs, states = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_scan_bwd(
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = call_op(
+        ssd_scan_bwd,
         dout, dfinal, x, dt, A, B, C, D, z, dt_bias, meta, dtd, acs, states, *ctx.args)
     return (dx, ddt, dA, dB, dC,
             None if D is None else dD, None if z is None else dz, None if dt_bias is None else ddt_bias,
@@ -790,8 +791,11 @@ def run_layout(forward_op, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (x, dt, A, B, C, D, z, dt_bias, initial_state))
     if grads and forward_function is not None:
-        forward_op = forward_function.apply
-    y, final, *_ = forward_op(
+        run = forward_function.apply
+    else:
+        def run(*args):
+            return call_op(forward_op, *args)
+    y, final, *_ = run(
         lay(x), lay(dt), c(A), lay(B), lay(C), c(D), lay(z), c(dt_bias), c(initial_state), meta, T, nseq,
         dt_softplus, float(dt_limit[0]), float(dt_limit[1]))
     if dest is not None:

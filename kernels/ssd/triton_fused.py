@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host import cdiv, op_function
+from kernels.host import call_op, cdiv, op_function
 from kernels.ssd.triton import _blocks, _discretize, _dot_dtype, _dummy, _empty, run_layout
 
 # Launch shapes (module attributes so a benchmark can sweep them): the sequential state walks take a
@@ -722,7 +722,8 @@ def _fwd_setup(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, dfinal, _ddtd, _dacs, _dstates, _dcb):
     x, dt, A, B, C, D, z, dt_bias, meta, dtd, acs, states, cb = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ssd_fused_bwd(
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = call_op(
+        ssd_fused_bwd,
         dout, dfinal, x, dt, A, B, C, D, z, dt_bias, meta, dtd, acs, states, cb, *ctx.args)
     return (dx, ddt, dA, dB, dC,
             None if D is None else dD, None if z is None else dz, None if dt_bias is None else ddt_bias,
