@@ -24,9 +24,9 @@ Pieces:
   most ``FUSED_MAMBA1_MAX_BATCH`` rows, every Mamba-1 block it can take
   (:meth:`~core.layers.mamba1.Mamba1.fused_step_unsupported`) runs as one fused block step, 3 kernels
   instead of 7 (:mod:`kernels.mamba_decode`); the other blocks run op by op (:func:`decode_step_path`
-  says which ran). With ``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` (opt-in: verified on a GPU, not yet
-  timed) Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3 kernels instead
-  of 6). ``generate`` uses it with and without graphs, so both produce identical tokens.
+  says which ran). Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3
+  kernels instead of 6) for at most ``FUSED_MAMBA2_MAX_BATCH`` rows, unless
+  ``SSM_SUITE_FUSED_MAMBA2_DECODE=0``. ``generate`` uses it with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -63,11 +63,11 @@ LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a mul
 # mamba1-130m, docs/kernels/mamba_decode.md) it made a step 1.24x faster at batch 1 and 1.5x slower at
 # batch 64, where cuBLAS's matmuls in the op-by-op step win.
 FUSED_MAMBA1_MAX_BATCH: int | None = 4
-# The fused Mamba-2 block step runs only when this environment variable is "1": its kernels pass the GPU
-# checks (scripts/gpu_checks/mamba_decode.py, H100, 2026-11-25) but have not been timed against the
-# op-by-op step, which at batch 64 may win as it does for Mamba-1. No batch limit until that timing.
+# The same for the fused Mamba-2 block step. On an H100 (bf16, mamba2-130m's 24 blocks, graph-replayed;
+# docs/kernels/mamba_decode.md) it made a step 1.17x faster at batch 1 and 1.37x slower at batch 64.
+# SSM_SUITE_FUSED_MAMBA2_DECODE=0 turns it off (every batch op by op).
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"
-FUSED_MAMBA2_MAX_BATCH: int | None = None
+FUSED_MAMBA2_MAX_BATCH: int | None = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,15 +129,15 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
 def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
                         device: torch.device | str | None = None) -> list[bool]:
     """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it as one fused Mamba-2
-    block step at this batch size: only with ``SSM_SUITE_FUSED_MAMBA2_DECODE=1``, for a Mamba-2 block the
-    fused kernels take, on a device where ``mamba2_decode_block`` picks its Triton backend, for at most
-    ``FUSED_MAMBA2_MAX_BATCH`` rows. Empty for models that decode through their own forward."""
+    block step at this batch size: for a Mamba-2 block the fused kernels take, on a device where
+    ``mamba2_decode_block`` picks its Triton backend, for at most ``FUSED_MAMBA2_MAX_BATCH`` rows, unless
+    ``SSM_SUITE_FUSED_MAMBA2_DECODE=0``. Empty for models that decode through their own forward."""
     if not _fusable(model):
         return []
     layers = model.backbone.layers
     device = next(model.parameters()).device if device is None else torch.device(device)
     too_large = FUSED_MAMBA2_MAX_BATCH is not None and batch_size > FUSED_MAMBA2_MAX_BATCH
-    if os.environ.get(FUSED_MAMBA2_ENV) != "1" or too_large or mamba2_decode_backend(device) != "triton":
+    if os.environ.get(FUSED_MAMBA2_ENV) == "0" or too_large or mamba2_decode_backend(device) != "triton":
         return [False] * len(layers)
     return [isinstance(block.mixer, Mamba2) and block.mixer.fused_step_unsupported() is None for block in layers]
 

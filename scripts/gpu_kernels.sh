@@ -12,8 +12,13 @@
 #               design is the default at long L);
 #   generate    scripts/bench_generate.py --breakdown: mamba1-130m throughput at batch 1 and 64 beside
 #               mamba_ssm's generate(cg=True), and where a generate call's time goes;
+#   generate_all  the same throughput table for the four 130M presets (no breakdown);
 #   decode2     scripts/gpu_checks/mamba_decode.py --mamba2-only --skip-checks: the fused Mamba-2 block
-#               step's time against the op-by-op step, which decides whether it becomes the default.
+#               step's time against the op-by-op step, which decides whether it becomes the default;
+#   models      scripts/gpu_check.py --ops models: the whole-model cross-check alone (its Triton
+#               compilation takes most of the check part's limit);
+#   latency     scripts/bench_generate.py --only latency: hybrid-130m vs transformer++-125m ms per decoding
+#               step at 2K .. 128K of context, batch 1, 16 and 32.
 #
 # All parts together take longer than one device call (600 s), so PARTS picks them; two calls:
 #
@@ -30,7 +35,8 @@ cd "$(dirname "$0")/.."
 export OUT=${OUT:-gpu_out} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 declare -A limit=([ssd]=${SSD_S:-190} [check]=${CHECK_S:-170} [train]=${TRAIN_S:-240}
-                  [train_long]=${TRAIN_LONG_S:-120} [generate]=${GEN_S:-80} [decode2]=${DECODE2_S:-60})
+                  [train_long]=${TRAIN_LONG_S:-120} [generate]=${GEN_S:-80} [decode2]=${DECODE2_S:-60}
+                  [models]=${MODELS_S:-220} [latency]=${LATENCY_S:-200} [generate_all]=${GEN_ALL_S:-150})
 declare -A command=(
   [ssd]="python3 scripts/gpu_checks/ssd.py --short --profile --jobs 8 --budget $(( ${SSD_S:-190} - 10 ))"
   [check]="python3 scripts/gpu_check.py --ops models,mamba_decode --out $OUT/check.md"
@@ -38,11 +44,14 @@ declare -A command=(
   [train_long]="python3 scripts/bench_training.py --presets mamba2-130m --batch 2 --seq-len 16384 --steps 3 --warmup 2 --rounds 2 --ssd-designs first,fused"
   [generate]="python3 scripts/bench_generate.py --only throughput --presets mamba1-130m --breakdown"
   [decode2]="python3 scripts/gpu_checks/mamba_decode.py --mamba2-only --skip-checks"
+  [models]="python3 scripts/gpu_check.py --ops models --out $OUT/models.md"
+  [latency]="python3 scripts/bench_generate.py --only latency --latency-batches 1 16 32"
+  [generate_all]="python3 scripts/bench_generate.py --only throughput"
 )
 specs=()
 for part in ${PARTS:-ssd check train train_long generate decode2}; do
   if [ -z "${command[$part]:-}" ]; then
-    echo "gpu_kernels.sh: unknown part '$part'; choose from: ssd check train train_long generate decode2" >&2
+    echo "gpu_kernels.sh: unknown part '$part'; choose from: ${!command[*]}" >&2
     exit 2
   fi
   specs+=("$part:${limit[$part]}:${command[$part]}")

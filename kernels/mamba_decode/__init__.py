@@ -1,7 +1,7 @@
 """Fused decoding steps: one token through a whole Mamba-1 block in three kernels instead of seven
 (``mamba1_decode_block``), or through a whole Mamba-2 block in three instead of six
-(``mamba2_decode_block``, ``triton_mamba2.py``; verified on an H100 but not yet timed against the
-op-by-op step, so ``core.cuda_graph`` uses it only with ``SSM_SUITE_FUSED_MAMBA2_DECODE=1``).
+(``mamba2_decode_block``, ``triton_mamba2.py``). On an H100 both are faster than the op-by-op step at
+small batches and slower at batch 64, so ``core.cuda_graph`` uses them for at most 4 rows.
 
 ``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
 ``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the

@@ -6,9 +6,10 @@ The public functions check shapes and pick a backend through :mod:`kernels.dispa
 kernels, ``triton.py``; the default on CUDA). ``reference.py`` also
 holds the quadratic (attention-like) form, ``ssd_quadratic``, used by the tests.
 
-The ``triton`` backend has two designs: ``triton.py`` (the default, verified on an H100) and
-``triton_fused.py`` (fused state walks, lighter backward kernels; chosen with the environment variable
-``SSM_SUITE_SSD_TRITON=fused`` until a GPU run of ``scripts/gpu_checks/ssd.py`` has verified it).
+The ``triton`` backend has two designs, both verified on an H100 (``scripts/gpu_checks/ssd.py``):
+``triton_fused.py`` (fused state walks, lighter backward kernels; the default, faster alone and inside
+the 130M model at 2K and 16K tokens, docs/benchmarks.md) and ``triton.py`` (the first design, chosen
+with the environment variable ``SSM_SUITE_SSD_TRITON=first``; it also holds the one-token step).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _FORWARD = {"reference": ssd_reference, "chunked": ssd_chunked}
 _STEP = {"reference": ssd_step_reference}
 
 
-_TRITON_DESIGNS = ("", "first", "fused")  # SSM_SUITE_SSD_TRITON: "" and "first" run triton.py
+_TRITON_DESIGNS = ("", "first", "fused")  # SSM_SUITE_SSD_TRITON: "" (unset) and "fused" run triton_fused.py
 
 
 def _ssd_triton(*args):
@@ -41,11 +42,11 @@ def _ssd_triton(*args):
     if design not in _TRITON_DESIGNS:
         raise ValueError(f"SSM_SUITE_SSD_TRITON is {design!r}; choose one of {_TRITON_DESIGNS[1:]} "
                          f"(or leave it unset)")
-    if design == "fused":
-        from kernels.ssd.triton_fused import ssd_triton_fused
-        return ssd_triton_fused(*args)
-    from kernels.ssd.triton import ssd_triton
-    return ssd_triton(*args)
+    if design == "first":
+        from kernels.ssd.triton import ssd_triton
+        return ssd_triton(*args)
+    from kernels.ssd.triton_fused import ssd_triton_fused
+    return ssd_triton_fused(*args)
 
 
 def _ssd_step_triton(*args):

@@ -1,7 +1,7 @@
 """SSD (Mamba-2's scan) as Triton kernels, second design: fused sequential state walks and per-head /
-per-group backward kernels sized for the register file. Opt-in (``SSM_SUITE_SSD_TRITON=fused``) until a
-GPU run of ``scripts/gpu_checks/ssd.py`` has matched the reference with it; ``triton.py`` holds the
-first design (verified on an H100), the step kernel and the helpers both share.
+per-group backward kernels sized for the register file. The default design (verified on an H100 by
+``scripts/gpu_checks/ssd.py``); ``triton.py`` holds the first design (``SSM_SUITE_SSD_TRITON=first``),
+the step kernel and the helpers both share.
 
 Same arguments and results as :func:`kernels.ssd.reference.ssd_reference`. Per head and chunk of T
 tokens, with a_t = sum_{k<=t} dt_k A inside the chunk, xdt_s = dt_s x_s, H_c the state entering chunk c

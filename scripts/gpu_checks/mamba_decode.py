@@ -16,7 +16,7 @@ The same for the fused Mamba-2 block step (kernels/mamba_decode/triton_mamba2.py
 GPU): the block step at mamba2-130m's shape (d_model 768, 24 heads of 64, N 128, 1 group) in bfloat16
 and float32 against the float64 reference at batch 1, 3 (GEMV tiles) and 64 (tl.dot tiles); re-runs
 bit-identical; a random-init mamba2-130m, 64 teacher-forced steps fused vs op by op at batch 1 and 64
-(``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` inside the fused runner only). ``--mamba2-only`` runs just those.
+(``SSM_SUITE_FUSED_MAMBA2_DECODE=1`` in the fused runner, ``0`` in the op-by-op one). ``--mamba2-only`` runs just those.
 
 ``run_bench()``: one decoding step of mamba1-130m (CUDA-graph replay: embedding, 24 blocks, final norm,
 LM head) fused vs op by op, at batch 1 and 64, and one block step alone (graph of the op) with the bytes

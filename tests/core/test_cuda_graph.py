@@ -3,9 +3,9 @@ TRITON_INTERPRET=1 on CPU) against the op-by-op step it replaces: logits and sta
 teacher-forced steps (pure Mamba-1, a hybrid whose fused blocks hand the stream to attention / MLP
 blocks and back, a bfloat16 stream, bfloat16 weights), greedy tokens through the graph decoder's code
 path, and which blocks take the fused path (Jamba's inner norms, biases and float64 fall back; CPU
-without a forced backend keeps the op-by-op step). The fused Mamba-2 block step likewise, opt-in through
-SSM_SUITE_FUSED_MAMBA2_DECODE=1: pure Mamba-2, a hybrid of Mamba-1 / Mamba-2 / attention / MLP blocks
-whose fused blocks hand the stream to each other, bfloat16, and the switch itself."""
+without a forced backend keeps the op-by-op step). The fused Mamba-2 block step likewise: pure Mamba-2,
+a hybrid of Mamba-1 / Mamba-2 / attention / MLP blocks whose fused blocks hand the stream to each other,
+bfloat16, its batch limit and its off switch (SSM_SUITE_FUSED_MAMBA2_DECODE=0)."""
 
 from __future__ import annotations
 
@@ -156,14 +156,15 @@ def test_blocks_the_fused_step_cannot_take_run_op_by_op():
 @pytest.mark.parametrize("pattern,batch", [
     ("MM", 2),
     ("SM*M-", 3),  # fused Mamba-1 and Mamba-2 blocks hand the stream to each other and to attention / MLP
-    ("-MM", 17),  # tl.dot tiles
+    ("-MM", 17),  # tl.dot tiles (past the default batch limit)
 ])
 def test_fused_mamba2_step_equals_op_by_op_step(pattern, batch, monkeypatch):
     model = build(config(pattern))
-    monkeypatch.delenv(cuda_graph.FUSED_MAMBA2_ENV, raising=False)
+    monkeypatch.setattr(cuda_graph, "FUSED_MAMBA2_MAX_BATCH", None)
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "0")
     with forced_backend("triton", OP2):
-        assert fused_mamba2_blocks(model, batch) == [False] * len(pattern)  # off unless opted in
-    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+        assert fused_mamba2_blocks(model, batch) == [False] * len(pattern)  # turned off
+    monkeypatch.delenv(cuda_graph.FUSED_MAMBA2_ENV)
     assert fused_mamba2_blocks(model, batch) == [False] * len(pattern)  # CPU default: op by op
     with forced_backend("triton", OP2), forced_backend("triton", OP):
         assert fused_mamba2_blocks(model, batch) == [c == "M" for c in pattern]
@@ -177,8 +178,16 @@ def test_fused_mamba2_step_equals_op_by_op_step(pattern, batch, monkeypatch):
                 assert rel(getattr(layer_f, name), getattr(layer_p, name)) < 1e-5, name
 
 
+def test_mamba2_batch_limit():
+    """Past FUSED_MAMBA2_MAX_BATCH rows the Mamba-2 blocks run op by op (slower fused at batch 64 on an H100)."""
+    model = build(config("MM"))
+    limit = cuda_graph.FUSED_MAMBA2_MAX_BATCH
+    with forced_backend("triton", OP2):
+        assert fused_mamba2_blocks(model, limit) == [True, True]
+        assert fused_mamba2_blocks(model, limit + 1) == [False, False]
+
+
 def test_fused_mamba2_bfloat16_model(monkeypatch):
-    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
     model = build(config("MM"), torch.bfloat16)
     fused, _ = teacher_forced(model, 2, 3, fused=True)
     plain, _ = teacher_forced(model, 2, 3, fused=False)
@@ -187,7 +196,6 @@ def test_fused_mamba2_bfloat16_model(monkeypatch):
 
 
 def test_fused_mamba2_greedy_tokens_through_the_graph_code_path(monkeypatch):
-    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
     model = build(config("MM"))
     prompts = [[5, 9, 2, 7, 1], [4], [11, 6, 2]]
     eager = generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=False)
@@ -198,7 +206,6 @@ def test_fused_mamba2_greedy_tokens_through_the_graph_code_path(monkeypatch):
 
 
 def test_mamba2_blocks_the_fused_step_cannot_take_run_op_by_op(monkeypatch):
-    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
     biased = build(config("MM", mamba2=Mamba2Config(d_state=8, headdim=8, bias=True)))
     gated = build(config("MM", mamba2=Mamba2Config(d_state=8, headdim=8, norm_before_gate=True)))
     double = build(config("MM"), torch.float64)
