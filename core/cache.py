@@ -148,17 +148,17 @@ class InferenceCache:
     def reset(self) -> None:
         """Clear every layer in place (states, buffers and counters to zero): the cache is as allocated,
         and every tensor keeps its storage (what a captured CUDA graph points at)."""
+        # A layer cache's state is its tensors plus its host-side ``length`` / ``has_padding``: what each
+        # layer class's own reset() clears. Here one multi-tensor zeroing does the whole cache (a
+        # 24-layer model has ~70 tensors: one kernel launch and ~20 us of host time each otherwise).
+        tensors = [t for layer in self.layers if layer is not None for t in _layer_tensors(layer)]
+        if tensors:
+            torch._foreach_zero_(tensors)
         for layer in self.layers:
-            if layer is None:
-                continue
-            reset = getattr(layer, "reset", None)
-            if reset is not None:
-                reset()
-            else:  # a cache class without reset (e.g. S4D's): its tensors are its state
-                for tensor in _layer_tensors(layer):
-                    tensor.zero_()
-                if isinstance(getattr(layer, "length", None), int):
-                    layer.length = 0
+            if isinstance(getattr(layer, "length", None), int):
+                layer.length = 0
+            if getattr(layer, "has_padding", False):
+                layer.has_padding = False
         self.seqlen_offset = 0
 
     def set_seqlen(self, seqlen: int) -> None:

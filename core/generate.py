@@ -8,7 +8,8 @@ Prompts of unequal length are left-padded into one batch; the padding mask makes
 the pads, so each prompt's continuation equals the one it gets alone (a test checks this).
 
 The prefill runs the model's forward (the chunked scan kernels, flash attention), in chunks of
-``prefill_chunk_size`` tokens if asked. The decoding steps run :func:`core.cuda_graph.decode_step`,
+``prefill_chunk_size`` tokens if asked; with the graph decoder, a prompt batch of a length seen before
+(unpadded, small: ``CUDAGraphRunner.prefill``) replays a captured forward instead. The decoding steps run :func:`core.cuda_graph.decode_step`,
 captured in a CUDA graph on GPU (``cuda_graph="auto"``, see ``core/cuda_graph.py``) or launched eagerly;
 both run the same kernels and give the same tokens. The loop never waits for the GPU except to check,
 every ``stop_check_interval`` steps, whether every sequence has stopped; the tokens a row samples after
@@ -232,10 +233,14 @@ def generate(
                 return decode_step(model, token, cache)
 
         chunk = prompt_len if not prefill_chunk_size else prefill_chunk_size
-        for start in range(0, prompt_len, chunk):
-            part_mask = None if padding_mask is None else padding_mask[:, start:start + chunk]
-            logits = model(ids[:, start:start + chunk], cache=cache, padding_mask=part_mask, num_last_tokens=1).logits
-        next_logits = logits[:, -1]
+        if decoder is not None and padding_mask is None and chunk >= prompt_len:
+            next_logits = runner.prefill(ids)  # replayed from a graph for a prompt length seen before
+        else:
+            for start in range(0, prompt_len, chunk):
+                part_mask = None if padding_mask is None else padding_mask[:, start:start + chunk]
+                logits = model(ids[:, start:start + chunk], cache=cache, padding_mask=part_mask,
+                               num_last_tokens=1).logits
+            next_logits = logits[:, -1]
 
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         samples = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

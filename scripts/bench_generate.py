@@ -6,10 +6,13 @@ Throughput (one definition for every row and for mamba_ssm, the one of mamba_ssm
 ``benchmarks/benchmark_generation_mamba_simple.py``): a batch of random prompts of ``--prompt-len``
 tokens is continued by ``--new-tokens`` tokens, greedy, without stop tokens. The time is one whole
 generate call, prefill included, from the call to the tokens being on the device (synchronized), averaged
-over ``--repeats`` calls after one warm-up call (which captures the CUDA graphs, ours and mamba_ssm's,
-and compiles the kernels). tok/s = batch * new_tokens / time: only new tokens count. Before timing, the
-greedy tokens of the CUDA-graph decoder are compared with those of eager decoding (the same step launched
-kernel by kernel) on the same prompts: column "graph = eager". Column "decode step" says which step ran
+over ``--repeats`` calls after warm-up calls that capture the CUDA graphs and compile the kernels (ours:
+two, the first captures the decoding step, the second the prefill of this prompt length, which
+``core.cuda_graph`` captures for a length seen before and at most 2048 prompt tokens; mamba_ssm: one,
+its ``cg=True`` captures its decoding step and runs its prefill eagerly). tok/s = batch * new_tokens /
+time: only new tokens count. Before timing, the greedy tokens of both warm-up calls are compared with
+those of eager decoding (the same prefill and step launched kernel by kernel) on the same prompts:
+column "graph = eager". Column "decode step" says which step ran
 (``core.cuda_graph.decode_step_path``: the fused Mamba-1 block step of ``kernels.mamba_decode`` on CUDA,
 or op by op; ``SSM_SUITE_BACKEND_MAMBA1_DECODE_BLOCK=reference`` forces the op-by-op step).
 mamba_ssm's ``MambaLMHeadModel`` (random init, the mamba1-130m shape: d_model 768, 24 layers, vocab
@@ -150,9 +153,10 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
 
     log(f"[throughput] {preset} batch {batch}: eager reference run")
     eager = generate(model, ids, cuda_graph=False, **kwargs)
-    log(f"[throughput] {preset} batch {batch}: graph capture + run")
+    log(f"[throughput] {preset} batch {batch}: graph capture + run (twice: the step, then the prefill)")
     graphed = generate(model, ids, cuda_graph=decoder, **kwargs)
-    same = (eager.tokens == graphed.tokens).all(dim=1)
+    replayed = generate(model, ids, cuda_graph=decoder, **kwargs)
+    same = (eager.tokens == graphed.tokens).all(dim=1) & (eager.tokens == replayed.tokens).all(dim=1)
     row["correct"] = "yes" if bool(same.all()) else f"NO ({int((~same).sum())}/{batch} rows differ)"
     row["graph"] = graphed.cuda_graph
     row["step"] = decode_step_path(model, batch)
@@ -197,18 +201,26 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
     prefill()
     prefill_ms = 1e3 * statistics.mean(timed(prefill, device) for _ in range(repeats))
     runner = decoder.runner(batch, prompt_len + kwargs["max_new_tokens"])
-    runner.cache.reset()
-    with torch.no_grad():
-        model(ids, cache=runner.cache, num_last_tokens=1)
+
+    def runner_prefill() -> None:  # as generate runs it: a replayed graph once this length was seen
+        runner.begin(prompt_len + kwargs["max_new_tokens"])
+        runner.prefill(ids)
+
+    runner_prefill()
+    runner_prefill()
+    graph_prefill_ms = 1e3 * statistics.mean(timed(runner_prefill, device) for _ in range(repeats))
     token = ids[:, -1]
     runner.step(token)
     steps = max(1, min(32, kwargs["max_new_tokens"] - 2))
     step_ms = 1e3 * timed(lambda: [runner.step(token) for _ in range(steps)], device) / steps
     whole_ms = 1e3 * timed(lambda: generate(model, ids, cuda_graph=decoder, **kwargs), device)
-    log(f"[breakdown] {label}: whole call {whole_ms:.2f} ms; prefill of {prompt_len} tokens {prefill_ms:.2f} ms; "
+    captured = prompt_len in runner.prefills and runner.prefills[prompt_len][2] is not None
+    used_ms = graph_prefill_ms
+    log(f"[breakdown] {label}: whole call {whole_ms:.2f} ms; prefill of {prompt_len} tokens {used_ms:.2f} ms "
+        f"({'replayed graph' if captured else 'eager, not captured'}; eager {prefill_ms:.2f} ms); "
         f"one replayed step {step_ms:.3f} ms x {kwargs['max_new_tokens']} = "
         f"{step_ms * kwargs['max_new_tokens']:.1f} ms; rest (host, sampling) "
-        f"{whole_ms - prefill_ms - step_ms * kwargs['max_new_tokens']:.1f} ms")
+        f"{whole_ms - used_ms - step_ms * kwargs['max_new_tokens']:.1f} ms")
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile

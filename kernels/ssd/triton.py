@@ -717,25 +717,42 @@ def _check_limits(where: str, P: int, N: int) -> None:
                          f"the chunked backend (SSM_SUITE_BACKEND_SSD=chunked)")
 
 
+_UNPACKED_META: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _unpacked_meta(seqlen: int, T: int, device: torch.device) -> torch.Tensor:
+    """The chunk table of unpacked rows of ``seqlen`` tokens, built once per (length, chunk, device): a
+    host-to-device copy per call would cost a synchronizing transfer and cannot be captured in a CUDA
+    graph (``core.cuda_graph`` captures prefills). Read-only for every kernel."""
+    key = (seqlen, T, device)
+    meta = _UNPACKED_META.get(key)
+    if meta is None:
+        if len(_UNPACKED_META) >= 256:
+            _UNPACKED_META.clear()
+        nc = -(-seqlen // T)
+        table = [[min(T, seqlen - c * T), 0, int(c == 0), int(c == nc - 1)] for c in range(nc)]
+        with torch.inference_mode(False):  # an ordinary tensor, usable by training after generation
+            meta = torch.tensor(table, dtype=torch.int32).reshape(-1, _META).to(device)
+        _UNPACKED_META[key] = meta
+    return meta
+
+
 def _layout(seqlen: int, T: int, rows: int, cu_seqlens: torch.Tensor | None, device: torch.device):
     """(meta int32 [NC, 4], destination index of each token in the padded row or None, padded length)."""
     if cu_seqlens is None:
-        nc = -(-seqlen // T)
-        meta = [[min(T, seqlen - c * T), 0, int(c == 0), int(c == nc - 1)] for c in range(nc)]
-        dest, padded = None, seqlen
-    else:
-        bounds = cu_seqlens.tolist()
-        meta, firsts, lengths = [], [], []
-        for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            n = end - start
-            k = -(-n // T)
-            firsts.append(len(meta))
-            lengths.append(n)
-            meta += [[min(T, n - c * T), s, int(c == 0), int(c == k - 1)] for c in range(k)]
-        nc = len(meta)
-        dest = torch.cat([torch.arange(n, device=device) + f * T for f, n in zip(firsts, lengths)]) \
-            if lengths else torch.zeros(0, dtype=torch.long, device=device)
-        padded = nc * T
+        return _unpacked_meta(seqlen, T, device), None, seqlen
+    bounds = cu_seqlens.tolist()
+    meta, firsts, lengths = [], [], []
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n = end - start
+        k = -(-n // T)
+        firsts.append(len(meta))
+        lengths.append(n)
+        meta += [[min(T, n - c * T), s, int(c == 0), int(c == k - 1)] for c in range(k)]
+    nc = len(meta)
+    dest = torch.cat([torch.arange(n, device=device) + f * T for f, n in zip(firsts, lengths)]) \
+        if lengths else torch.zeros(0, dtype=torch.long, device=device)
+    padded = nc * T
     meta_t = torch.tensor(meta, dtype=torch.int32).reshape(-1, _META).to(device)
     return meta_t, dest, padded
 

@@ -15,6 +15,7 @@ import torch
 from core.backbone import CausalLM
 from core.cache import InferenceCache, KVCache
 from core.config import AttentionConfig, HyenaConfig, Mamba1Config, Mamba2Config, ModelConfig, MoEConfig
+from core import cuda_graph
 from core.cuda_graph import CUDAGraphDecoder, decode_step, graph_unsafe_reason
 from core.generate import generate, left_pad
 from core.presets import get_preset
@@ -179,6 +180,46 @@ def test_runner_reuse_keys_and_recapture_after_weight_change():
     assert outs[1].sequences()[0][:4] == outs[0].sequences()[0]
 
 
+@pytest.mark.parametrize("preset", ["mamba1-tiny", "mamba2-tiny", "hybrid-tiny"])
+def test_prefill_of_a_repeated_prompt_length_takes_the_static_path(preset: str):
+    """The second prompt batch of a length runs the static-buffer prefill (a graph on CUDA); tokens equal
+    the eager ones. Padded batches, prompts past PREFILL_GRAPH_MAX_TOKENS and models with mixers outside
+    Mamba / attention / MLP keep the eager prefill."""
+    model = build(get_preset(preset), torch.float32)
+    decoder = CUDAGraphDecoder(model, capture=False)
+    prompts = torch.tensor([[5, 9, 2, 7, 1], [4, 4, 8, 1, 0]])
+    eager = generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=False)
+    outs = [generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=decoder) for _ in range(3)]
+    runner = next(iter(decoder.runners.values()))
+    assert list(runner.prefills) == [5]  # kept from the second call on
+    assert all(out.sequences() == eager.sequences() for out in outs)
+    generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=2, cuda_graph=decoder)  # padded
+    generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=2, cuda_graph=decoder)
+    assert list(runner.prefills) == [5]
+    long = torch.randint(0, 200, (2, cuda_graph.PREFILL_GRAPH_MAX_TOKENS // 2 + 1))
+    for _ in range(2):
+        generate(model, long, max_new_tokens=1, cuda_graph=decoder)
+    assert 5 in runner.prefills and long.shape[1] not in runner.prefills
+    with pytest.raises(ValueError, match="cleared cache"):
+        runner.prefill(prompts)  # the cache holds the last generate call's tokens
+
+
+def test_prefill_lengths_kept_per_runner(monkeypatch):
+    monkeypatch.setattr(cuda_graph, "PREFILL_GRAPHS", 2)
+    model = build(get_preset("mamba1-tiny"), torch.float32)
+    decoder = CUDAGraphDecoder(model, capture=False)
+    for length in (3, 3, 4, 4, 5, 5, 3):
+        out = generate(model, torch.arange(1, length + 1)[None], max_new_tokens=2, temperature=0,
+                       cuda_graph=decoder)
+        assert out.sequences() == generate(model, torch.arange(1, length + 1)[None], max_new_tokens=2,
+                                           temperature=0, cuda_graph=False).sequences()
+    runner = next(iter(decoder.runners.values()))
+    assert list(runner.prefills) == [5, 3]  # least recently used (4) dropped; 3 seen before: kept again
+    assert cuda_graph.prefill_graph_unsafe_reason(build(get_preset("hyena-tiny"))) is not None
+    assert cuda_graph.prefill_graph_unsafe_reason(build(get_preset("jamba-tiny"))) is not None  # MoE
+    assert cuda_graph.prefill_graph_unsafe_reason(model) is None
+
+
 def test_runner_refuses_to_step_past_its_cache():
     model = build(get_preset("transformer++-tiny"), torch.float32)
     runner = CUDAGraphDecoder(model, capture=False).runner(1, 3)
@@ -272,6 +313,19 @@ def test_cuda_graph_generate_equals_eager(preset: str):
     sampled = [generate(model, prompts, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=1, cuda_graph=g)
                for g in (False, True)]
     assert sampled[0].sequences() == sampled[1].sequences()
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["mamba1-tiny", "mamba2-tiny", "hybrid-tiny"])
+def test_cuda_prefill_graph_equals_eager(preset: str):
+    torch.manual_seed(0)
+    model = CausalLM(get_preset(preset)).to("cuda", torch.bfloat16).eval()
+    prompts = torch.randint(0, 256, (2, 37), device="cuda")
+    eager = generate(model, prompts, max_new_tokens=12, temperature=0, cuda_graph=False)
+    decoder = CUDAGraphDecoder(model)
+    outs = [generate(model, prompts, max_new_tokens=12, temperature=0, cuda_graph=decoder) for _ in range(3)]
+    assert next(iter(decoder.runners.values())).prefills[37][2] is not None  # captured
+    assert all(out.sequences() == eager.sequences() for out in outs)
 
 
 @cuda
