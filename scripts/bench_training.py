@@ -1,7 +1,7 @@
 """Training throughput of the 130M presets (tokens/s), ours beside mamba_ssm's MambaLMHeadModel.
 
     PYTHONPATH=. python3 scripts/bench_training.py [--presets mamba1-130m mamba2-130m] [--batch 8 --seq-len 2048]
-        [--rounds 3] [--ssd-designs first,fused] [--compile] [--profile]
+        [--rounds 3] [--ssd-designs first,fused] [--compile] [--profile] [--idle]
 
 One optimizer step = forward + backward + AdamW (fused) under bf16 autocast, fp32 weights, as the
 training module runs it. Timed with CUDA events after warm-up; the median of the timed steps is one
@@ -9,6 +9,8 @@ measurement. mamba_ssm's model is built with the same shape (its own default con
 importable. With ``--rounds R`` every variant (ours with each ``--ssd-designs`` design, mamba_ssm) is
 measured R times, interleaved, in this one process: the same-process comparison that separates a real
 difference from the 10-30 % by which the same code varied between GPU machines (docs/benchmarks.md).
+``--idle`` profiles one more step of every variant and reports where the GPU waited for the host
+(``scripts/idle_gaps.py``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,37 @@ def profile_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, l
           flush=True)
 
 
+def idle_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss_fn, label: str) -> None:
+    """One more optimizer step under torch.profiler (CPU and CUDA activity): where the GPU idled and which
+    host op it was waiting for (scripts/idle_gaps.py)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from scripts.idle_gaps import idle_report
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
+    for _ in range(2):  # the optimizer's state, outside the profile
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_fn(model, ids[:, :-1], ids[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+        prof.export_chrome_trace(handle.name)
+        trace = json.load(open(handle.name))
+    print(f"\n{label}: where the GPU waited in one optimizer step\n{idle_report(trace)}", flush=True)
+
+
 def ours_loss(model, inputs, labels):
     return model(inputs, labels=labels).loss
 
@@ -119,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated SSD Triton designs to time ours with (SSM_SUITE_SSD_TRITON: first, "
                              "fused), in the same process; default: the environment's")
     parser.add_argument("--profile", action="store_true", help="also print one step's kernels by device time")
+    parser.add_argument("--idle", action="store_true",
+                        help="also profile one step per variant: GPU idle time, blamed on host ops")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with every block torch.compile-d (trainer.compile=true)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
@@ -128,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("bench_training needs a CUDA GPU (--device cpu runs the script's code path on CPU, for tests)")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    if args.profile and args.device != "cuda":
-        parser.error("--profile reports CUDA kernel times: it needs --device cuda")
+    if (args.profile or args.idle) and args.device != "cuda":
+        parser.error("--profile / --idle report CUDA kernel times: they need --device cuda")
     designs = [d for d in args.ssd_designs.split(",") if d] or [os.environ.get("SSM_SUITE_SSD_TRITON", "")]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}, B{args.batch} L{args.seq_len}, "
@@ -164,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             for label, model, loss_fn, design in variants:
                 with _ssd_design(design):
                     profile_step(model, args.batch, args.seq_len, config.vocab_size, loss_fn, f"{preset}, {label}")
+        if args.idle:
+            for label, model, loss_fn, design in variants:
+                with _ssd_design(design):
+                    idle_step(model, args.batch, args.seq_len, config.vocab_size, loss_fn, f"{preset}, {label}")
         theirs = statistics.median(times["mamba_ssm"]) if "mamba_ssm" in times else None
         for label, seconds in times.items():
             median = statistics.median(seconds)
