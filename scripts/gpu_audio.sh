@@ -14,6 +14,8 @@
 #   digits-{mamba,s4d}: the same two models on the spoken digits, one-second clips, batch 16; test NLL
 #     at 2000 and 16000 samples, then GEN unconditional one-second samples each (after every training
 #     has ended: decoding is latency-bound and would crawl beside the trainings).
+# CONTEXTS="16000 256000" picks the music contexts, DIGITS=0 leaves the digits jobs out (fewer jobs
+# sharing the GPU: more steps each).
 # Every training ends by TRAIN_UNTIL (scripts/gpu_audio.py's WallClockBudget sets the step count from
 # the measured rate, equal within each group); everything is killed at HARD_END; results are re-packed
 # every 20 s so that a kill still returns them.
@@ -42,7 +44,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   S4D_WIDTH=()
 else
   TRAIN_UNTIL=$((T0 + ${TRAIN_SECONDS:-245})); HARD_END=$((T0 + ${TOTAL_SECONDS:-395}))
-  CONTEXTS=(16000 64000 256000); TOKENS=262144; MAX_STEPS=3000; GEN=${GEN:-64}; GEN_SECONDS=1.0
+  CONTEXTS=(${CONTEXTS:-16000 64000 256000}); TOKENS=262144; MAX_STEPS=${MAX_STEPS:-3000}; GEN=${GEN:-64}; GEN_SECONDS=1.0
   EVAL_TOKENS=524288; DIGITS_LEN=16000; DIGITS_BATCH=16; DIGITS_EVAL=2000,16000
   COMMON=(trainer.num_workers=2)
   S4D_WIDTH=(model.config.d_model=36); EVAL_LIMIT=()
@@ -89,7 +91,7 @@ for family in mamba s4d; do
   done
 done
 all=$(for f in mamba s4d; do for c in "${CONTEXTS[@]}"; do printf "music-%s-%s," $f $c; done; done)digits-mamba,digits-s4d
-for family in mamba s4d; do
+for family in $([ "${DIGITS:-1}" = 1 ] && echo mamba s4d); do
   width=(); [ $family = s4d ] && width=("${S4D_WIDTH[@]}")
   job digits-$family $family digits 2 --eval-contexts "$DIGITS_EVAL" --eval-tokens "$EVAL_TOKENS" "${EVAL_LIMIT[@]}" \
     --generate "$GEN" --seconds "$GEN_SECONDS" --wait-for "$all" --wait-until $((TRAIN_UNTIL + 60)) \
