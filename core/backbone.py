@@ -276,6 +276,10 @@ class Block(nn.Module):
             out, aux = out
         if self.residual_in_fp32:
             x = upcast_residual(x)
+        if torch.promote_types(x.dtype, out.dtype) == x.dtype:
+            # The add promotes a lower-precision out itself (exactly: bf16 / fp16 -> fp32): one kernel
+            # instead of a cast pass over [B, L, d_model] and the add, with the same result.
+            return x + out, aux
         return x + out.to(x.dtype), aux
 
     def extra_repr(self) -> str:

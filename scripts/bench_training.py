@@ -74,7 +74,7 @@ def profile_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, l
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     print(f"\n{label}: one optimizer step's kernels by device time\n"
-          + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60),
+          + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60),
           flush=True)
 
 
