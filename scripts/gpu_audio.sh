@@ -15,7 +15,9 @@
 #     at 2000 and 16000 samples, then GEN unconditional one-second samples each (after every training
 #     has ended: decoding is latency-bound and would crawl beside the trainings).
 # CONTEXTS="16000 256000" picks the music contexts, DIGITS=0 leaves the digits jobs out (fewer jobs
-# sharing the GPU: more steps each).
+# sharing the GPU: more steps each), MIN_STEPS=N keeps a group's step count from being projected below N
+# (the projection is made while every member shares the GPU, so it undercounts once the fast ones end;
+# the deadline still stops a run).
 # Every training ends by TRAIN_UNTIL (scripts/gpu_audio.py's WallClockBudget sets the step count from
 # the measured rate, equal within each group); everything is killed at HARD_END; results are re-packed
 # every 20 s so that a kill still returns them.
@@ -74,7 +76,7 @@ job() {  # job NAME FAMILY GROUP GROUP_SIZE [job options] -- overrides
   local name=$1 family=$2 group=$3 size=$4; shift 4
   timeout -k 5 $((HARD_END - $(date +%s))) python3 scripts/gpu_audio.py job --name "$name" --family "$family" \
     --group "$group" --group-size "$size" --group-dir "$WORK/group" --results "$WORK/results" --runs "$WORK/runs" \
-    --samples "$WORK/samples" --train-until "$TRAIN_UNTIL" --max-steps "$MAX_STEPS" "$@" \
+    --samples "$WORK/samples" --train-until "$TRAIN_UNTIL" --max-steps "$MAX_STEPS" --min-steps "${MIN_STEPS:-1}" "$@" \
     > "$WORK/logs/$name.log" 2>&1
   echo "$name exit $? at +$(( $(date +%s) - T0 ))s" >> "$WORK/logs/jobs.txt"
 }
