@@ -572,8 +572,18 @@ def _new_bdl(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 def _acc_copy(x: torch.Tensor) -> torch.Tensor:
     """B or C in the accumulation dtype. Every lane of a program needs all of a tile's B_t and C_t (they
     are shared by the channels), so converting them once here (a small [B, N, L] tensor) saves each
-    lane two conversions per state element."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    lane two conversions per state element.
+
+    A Mamba-1 layer passes B and C as [B, N, L] views of its x_proj output [B, L, dt_rank + 2N]: N is
+    the contiguous dimension and L strides by dt_rank + 2N. Converted as [B, N, L], the copy reads one
+    element per row of that output (uncoalesced: ~34 us a call for mamba1-130m at B8 L2048, 4 calls a
+    layer on an H100); converted along N, it reads rows of N contiguous elements, and the kernels take the
+    [B, L, N]-ordered result through its strides."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    if x.stride(-2) == 1 and x.stride(-1) != 1:
+        return x.transpose(-1, -2).float().transpose(-1, -2)
+    return x.float()
 
 
 def _bc4(x: torch.Tensor, groups: int) -> torch.Tensor:

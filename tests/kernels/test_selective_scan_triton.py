@@ -228,6 +228,28 @@ def test_channel_last_views_keep_their_layout(small_tiles):
     assert y.stride(1) == 1 and grads[0].stride(1) == 1 and grads[1].stride(1) == 1 and grads[6].stride(1) == 1
 
 
+def test_bf16_projection_slices_give_the_contiguous_result(small_tiles):
+    # bf16 B, C as [B, N, L] views of one [B, L, J] projection are converted to float32 along N (rows
+    # of the projection), not along L: the same values in another layout, so bit-identical results.
+    batch, dim, L, dstate = 2, 6, 23, 3
+    u, delta, A, _, _, D, z, bias, _ = make(batch, dim, L, dstate, torch.bfloat16)
+    proj = torch.randn(batch, L, 4 + 2 * dstate, dtype=torch.float64).to(DEVICE, torch.bfloat16)
+    dy = torch.randn(batch, dim, L, dtype=torch.float64).to(DEVICE, torch.bfloat16)
+    outputs = []
+    for dense in (False, True):
+        leaf = proj.detach().clone().requires_grad_()
+        B, C = leaf[..., 4:4 + dstate].transpose(1, 2), leaf[..., 4 + dstate:].transpose(1, 2)
+        if dense:
+            B, C = B.contiguous(), C.contiguous()
+        else:
+            assert B.stride(1) == 1 and B.stride(2) == 4 + 2 * dstate  # the layer's layout
+        with forced_backend("triton", "selective_scan"):
+            y = selective_scan(u, delta, A, B, C, D, z, bias, True)
+        (grad,) = torch.autograd.grad(y, [leaf], dy)
+        outputs.append((y, grad))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
 @pytest.mark.parametrize("tiles", [
     {"fwd": (8, 8, 1), "bwd": (2, 4, 1), "chunk": 8},   # one tile per chunk in the forward's save pass
     {"fwd": (2, 16, 1), "bwd": (8, 2, 1), "chunk": 8},   # the forward's tile does not divide the chunk
