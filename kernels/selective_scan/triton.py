@@ -771,8 +771,11 @@ def selective_scan_bwd(
         dz.zero_()
 
     def ungroup(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        # A shared [B, N, L] B/C was broadcast over the groups: its gradient sums over them.
-        return (grad.sum(1) if like.dim() == 3 else grad).to(like.dtype)
+        # A shared [B, N, L] B/C was broadcast over the groups: its gradient sums over them (one group,
+        # Mamba-1's case: the group's own gradient, without a reduction kernel over a size-1 dimension).
+        if like.dim() == 3:
+            grad = grad[:, 0] if grad.shape[1] == 1 else grad.sum(1)
+        return grad.to(like.dtype)
 
     if initial_state is not None:
         if cu_seqlens is not None:
