@@ -9,11 +9,12 @@ the pads, so each prompt's continuation equals the one it gets alone (a test che
 
 The prefill runs the model's forward (the chunked scan kernels, flash attention), in chunks of
 ``prefill_chunk_size`` tokens if asked; with the graph decoder, a prompt batch of a length seen before
-(unpadded, small: ``CUDAGraphRunner.prefill``) replays a captured forward instead. The decoding steps run :func:`core.cuda_graph.decode_step`,
-captured in a CUDA graph on GPU (``cuda_graph="auto"``, see ``core/cuda_graph.py``) or launched eagerly;
-both run the same kernels and give the same tokens. The loop never waits for the GPU except to check,
-every ``stop_check_interval`` steps, whether every sequence has stopped; the tokens a row samples after
-its stop token are replaced by ``pad_token_id`` at the end, so the output does not depend on the interval.
+(unpadded, small: ``CUDAGraphRunner.prefill``) replays a captured forward instead. The decoding steps
+run :func:`core.cuda_graph.decode_step`, captured in a CUDA graph on GPU (``cuda_graph="auto"``, see
+``core/cuda_graph.py``) or launched eagerly; both run the same kernels and give the same tokens. The
+loop never waits for the GPU except to check, every ``stop_check_interval`` steps, whether every sequence
+has stopped; the tokens a row samples after its stop token are replaced by ``pad_token_id`` at the end,
+so the output does not depend on the interval.
 """
 
 from __future__ import annotations
