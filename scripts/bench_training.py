@@ -103,9 +103,11 @@ def idle_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-        prof.export_chrome_trace(handle.name)
-        trace = json.load(open(handle.name))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as trace_file:
+            trace = json.load(trace_file)
     print(f"\n{label}: where the GPU waited in one optimizer step\n{idle_report(trace)}", flush=True)
 
 
