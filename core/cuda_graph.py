@@ -327,6 +327,8 @@ class CUDAGraphRunner:
             eligible = (self._prefill_unsafe is None and ids.shape[0] == self.batch_size
                         and self.batch_size * length <= PREFILL_GRAPH_MAX_TOKENS)
             if not eligible or length not in self._prompt_lengths_seen:
+                if len(self._prompt_lengths_seen) >= 4096:  # a long-running server's one-off lengths
+                    self._prompt_lengths_seen.clear()
                 self._prompt_lengths_seen.add(length)
                 return model(ids, cache=self.cache, num_last_tokens=1).logits[:, -1]
             while len(self.prefills) >= PREFILL_GRAPHS:
