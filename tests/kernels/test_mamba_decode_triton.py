@@ -12,6 +12,8 @@ run can: scripts/gpu_checks/mamba_decode.py."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -30,17 +32,14 @@ except ImportError as error:  # pragma: no cover - triton present but unusable h
 
 from kernels.dispatch import forced_backend  # noqa: E402
 
+# The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_block import DEVICE, copy, rel, run_block, stream_in, with_stream  # noqa: E402
+
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 STATE_KEYS = ("conv_state", "ssm_state")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make(batch, d_model=32, d_inner=64, d_state=8, dt_rank=2, width=4, dtype=torch.float32, stream="x+res",
@@ -65,44 +64,11 @@ def make(batch, d_model=32, d_inner=64, d_state=8, dt_rank=2, width=4, dtype=tor
         out_proj_weight=(rnd(d_model, d_inner) / d_inner**0.5).to(dtype),
         residual_dtype=residual_dtype,
     )
-    if stream == "x":  # the first block: no residual yet
-        args["residual"] = None
-    elif stream == "res+ssq":  # the previous block was fused: its output is in the stream already
-        args["x"] = None
-        sq = args["residual"].double().square().sum(-1)
-        args["residual_sumsq"] = torch.stack([0.5 * sq, 0.25 * sq, 0.25 * sq]).float()  # 3 partial sums
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-
-
-def copy(args: dict, dtype: torch.dtype | None = None) -> dict:
-    """Fresh copies (the states are updated in place), optionally every float tensor in ``dtype``."""
-    out = {}
-    for k, v in args.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
-        else:
-            out[k] = v
-    if dtype is not None:
-        out["residual_dtype"] = dtype
-    return out
-
-
-def stream_in(args: dict) -> torch.Tensor:
-    x, res = args["x"], args["residual"]
-    if x is None:
-        return res.double()
-    return x.double() if res is None else x.double() + res.double()
+    return with_stream(args, stream)
 
 
 def run(backend: str, args: dict) -> tuple[dict, torch.Tensor]:
-    """(outputs: the block's own output `delta` = residual_out - stream, the row sums of squares, the
-    updated states; and residual_out)."""
-    args = copy(args)
-    with forced_backend(backend, "mamba1_decode_block"):
-        res_out, sumsq = mamba1_decode_block(**args)
-    outs = {"delta": res_out.double() - stream_in(args), "sumsq": sumsq.double().sum(0),
-            "conv_state": args["conv_state"], "ssm_state": args["ssm_state"]}
-    return outs, res_out
+    return run_block(mamba1_decode_block, "mamba1_decode_block", backend, args)
 
 
 def errors(ours: dict, ref: dict) -> dict:
