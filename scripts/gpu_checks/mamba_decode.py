@@ -99,6 +99,12 @@ def block_args(batch: int, dtype: torch.dtype, stream: str = "res+ssq", seed: in
         dt_proj_weight=(rnd(di, r) / r**0.5).to(dtype), dt_bias=0.5 * rnd(di) - 2,
         A=-torch.exp(0.5 * rnd(di, n)), D=rnd(di), out_proj_weight=(rnd(dm, di) / di**0.5).to(dtype),
         residual_dtype=torch.float32)
+    return _with_stream(args, stream)
+
+
+def _with_stream(args: dict, stream: str) -> dict:
+    """One form of the stream: "x+res", "x" (no residual yet) or "res+ssq" (the previous block was
+    fused: the residual holds its output, with 2 partial sums of squares)."""
     if stream == "x":
         args["residual"] = None
     elif stream == "res+ssq":
@@ -123,13 +129,18 @@ def _stream(args: dict) -> torch.Tensor:
     return x.double() if res is None else x.double() + res.double()
 
 
-def run_block(backend: str, args: dict) -> dict:
+def _run(op, op_name: str, backend: str, args: dict) -> dict:
     """Outputs of one block step: the block's output (new stream - stream), row sums of squares, states."""
     args = _copy(args)
-    with forced_backend(backend, OP):
-        res_out, sumsq = mamba1_decode_block(**args)
+    with forced_backend(backend, op_name):
+        res_out, sumsq = op(**args)
     return {"delta": res_out.double() - _stream(args), "sumsq": sumsq.double().sum(0),
             "conv_state": args["conv_state"], "ssm_state": args["ssm_state"], "res_out": res_out}
+
+
+def run_block(backend: str, args: dict) -> dict:
+    """The Mamba-1 block step's outputs (:func:`_run`)."""
+    return _run(mamba1_decode_block, OP, backend, args)
 
 
 def block_args2(batch: int, dtype: torch.dtype, stream: str = "res+ssq", seed: int = 0) -> dict:
@@ -148,22 +159,12 @@ def block_args2(batch: int, dtype: torch.dtype, stream: str = "res+ssq", seed: i
         conv_bias=(0.1 * rnd(cd)).to(dtype), dt_bias=0.5 * rnd(h) - 2, A=-torch.exp(0.5 * rnd(h) + 1),
         D=rnd(h), dt_limit=(0.0, math.inf), gate_norm_weight=(1 + 0.2 * rnd(di)).to(dtype), gate_norm_eps=1e-5,
         out_proj_weight=(rnd(dm, di) / di**0.5).to(dtype), residual_dtype=torch.float32)
-    if stream == "x":
-        args["residual"] = None
-    elif stream == "res+ssq":
-        args["x"] = None
-        sq = args["residual"].square().sum(-1)
-        args["residual_sumsq"] = torch.stack([0.5 * sq, 0.5 * sq])
-    return args
+    return _with_stream(args, stream)
 
 
 def run_block2(backend: str, args: dict) -> dict:
-    """run_block for the Mamba-2 block step."""
-    args = _copy(args)
-    with forced_backend(backend, OP2):
-        res_out, sumsq = mamba2_decode_block(**args)
-    return {"delta": res_out.double() - _stream(args), "sumsq": sumsq.double().sum(0),
-            "conv_state": args["conv_state"], "ssm_state": args["ssm_state"], "res_out": res_out}
+    """The Mamba-2 block step's outputs (:func:`_run`)."""
+    return _run(mamba2_decode_block, OP2, backend, args)
 
 
 # --------------------------------------------------------------------------------------------------
