@@ -43,11 +43,7 @@ def time_steps(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, ste
             start.record()
         else:
             began = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, ids, loss_fn)
         if device.type == "cuda":
             end.record()
             torch.cuda.synchronize()
@@ -59,20 +55,38 @@ def time_steps(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, ste
     return statistics.median(times)
 
 
-def profile_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss_fn, label: str) -> None:
-    """One more optimizer step under torch.profiler: the kernels by device time, grouped by name (so a
-    model's time can be set against mamba_ssm's kernel by kernel)."""
-    from torch.profiler import ProfilerActivity, profile
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, loss_fn) -> None:
+    """One step on ids int64 [B, L + 1]: forward + backward under bf16 autocast, the optimizer, gradients
+    cleared."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def profiled_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss_fn, activities: list,
+                  warmup: int = 0):
+    """torch.profiler's record of one optimizer step (a fresh AdamW, after ``warmup`` unprofiled steps)."""
+    from torch.profiler import profile
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        optimizer_step(model, optimizer, ids, loss_fn)
+    torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        optimizer_step(model, optimizer, ids, loss_fn)
         torch.cuda.synchronize()
+    return prof
+
+
+def profile_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss_fn, label: str) -> None:
+    """One more optimizer step under torch.profiler: the kernels by device time, grouped by name (so a
+    model's time can be set against mamba_ssm's kernel by kernel)."""
+    from torch.profiler import ProfilerActivity
+
+    prof = profiled_step(model, batch, seq_len, vocab, loss_fn, [ProfilerActivity.CUDA])
     print(f"\n{label}: one optimizer step's kernels by device time\n"
           + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60),
           flush=True)
@@ -84,25 +98,13 @@ def idle_step(model: torch.nn.Module, batch: int, seq_len: int, vocab: int, loss
     import json
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from scripts.idle_gaps import idle_report
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, vocab, (batch, seq_len + 1), device="cuda")
-    for _ in range(2):  # the optimizer's state, outside the profile
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_fn(model, ids[:, :-1], ids[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+    # Two unprofiled steps first: the optimizer's state is allocated outside the profile.
+    prof = profiled_step(model, batch, seq_len, vocab, loss_fn, [ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                         warmup=2)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "trace.json")
         prof.export_chrome_trace(path)
