@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv, next_power_of_2
+from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
 from kernels.selective_scan.triton import _softplus  # the scan step's softplus, for equal dt
 
 MAX_DSTATE = 256
@@ -197,6 +198,7 @@ def _in_conv_kernel(
     HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
     HAS_PART: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
@@ -206,9 +208,22 @@ def _in_conv_kernel(
     # in_proj rows of this program: channels of the x half, or of the z half (offset by DI).
     NXB: tl.constexpr = (DI + BC - 1) // BC
     is_x = pid_c < NXB
-    chan = tl.where(is_x, pid_c, pid_c - NXB).to(tl.int64) * BC + tl.arange(0, BC)
+    chan0 = tl.where(is_x, pid_c, pid_c - NXB).to(tl.int64) * BC
+    chan = chan0 + tl.arange(0, BC)
     cmask = chan < DI
     wrow = tl.where(is_x, chan, chan + DI)
+
+    # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
+    prefetch_rows_l2(win_ptr, wrow, cmask, stride_wi0, DM, LINE, LPD, PDL)
+    lcol = tl.arange(0, LPD) * LINE
+    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
+    prefetch_l2(cw_ptr + chan * stride_cw0, cmask & is_x, cw_ptr, PDL)
+    prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
+                rmask[:, None] & cmask[None, :] & is_x, cs_ptr, PDL)
+    if HAS_PART:
+        jp = tl.arange(0, BJ)
+        prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask, pid_c == 0,
                       eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
                       HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
@@ -260,11 +275,21 @@ def _scan_kernel(
     DI: tl.constexpr, R: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     d = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD)
     dmask = d < DI
+    # Weights and this layer's state rows into L2 while the previous kernel finishes (kernels/pdl.py).
+    prefetch_l2(wdt_ptr + d * stride_w0, dmask, wdt_ptr, PDL)
+    prefetch_l2(A_ptr + d * stride_a0, dmask, A_ptr, PDL)
+    prefetch_l2(dtb_ptr + d, dmask, dtb_ptr, PDL)
+    if HAS_D:
+        prefetch_l2(D_ptr + d, dmask, D_ptr, PDL)
+    prefetch_l2(st_ptr + rows[:, None] * stride_sb + d[None, :] * stride_sd, rmask[:, None] & dmask[None, :],
+                st_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     wdt = y_ptr.dtype.element_ty
     r = tl.arange(0, BR)
     n = tl.arange(0, BN)
@@ -317,13 +342,15 @@ def _out_kernel(
     batch,
     stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
     DM: tl.constexpr, DI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
+    prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PDL)  # kernels/pdl.py
+    wait_for_prior_kernel(PDL)
     if DOT:
         acc = tl.zeros([BB, BN], dtype=tl.float32)
     else:
@@ -442,6 +469,7 @@ def mamba1_decode_block_op(
         return res_out, ssq
     dev = conv_state.device
     ieee = wdt == torch.float32
+    pdl, line = pdl_enabled(dev), line_elems(in_proj_weight)
     xc = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     z = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     part = torch.empty(cfg["NP"] if cfg["PART"] else 0, batch, xproj, device=dev, dtype=torch.float32)
@@ -462,7 +490,7 @@ def mamba1_decode_block_op(
         HAS_X=x is not None, HAS_RES=residual is not None, HAS_SSQ=x is None and residual_sumsq is not None,
         HAS_CB=conv_bias is not None, HAS_PART=cfg["PART"], DOT=cfg["DOT"], IEEE=ieee,
         BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BJ=cfg["BJ"], BQ=bq, BW=_pow2(width - 1),
-        num_warps=cfg["warps1"],
+        PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"], launch_pdl=pdl,
     )
     if cfg["PART"]:
         xdbl, n_part, strides = part, cfg["NP"], part.stride()
@@ -475,13 +503,14 @@ def mamba1_decode_block_op(
         *strides, *dt_proj_weight.stride(), *A.stride(), xc.stride(0), z.stride(0), *ssm_state.stride(),
         y.stride(0),
         DI=d_inner, R=dt_rank, N=d_state, NP=n_part, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=ieee,
-        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=cfg["BP"], num_warps=cfg["warps2"],
+        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=cfg["BP"], PDL=pdl,
+        num_warps=cfg["warps2"], launch_pdl=pdl,
     )
     _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
         y, out_proj_weight, res_mid, res_out, ssq, batch,
         y.stride(0), *out_proj_weight.stride(), res_mid.stride(0), res_out.stride(0), ssq.stride(0),
         DM=d_model, DI=d_inner, DOT=cfg["DOT"], IEEE=ieee, BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"],
-        num_warps=cfg["warps3"],
+        PDL=pdl, LINE=line, LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
     )
     return res_out, ssq
 

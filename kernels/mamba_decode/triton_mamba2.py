@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv
+from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
 from kernels.mamba_decode.triton import MAX_ROWS, MAX_WIDTH, _clamp, _mm, _norm_in_proj, _pow2, _round, _rows, _store_residual
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
@@ -65,6 +66,7 @@ def _in_conv_kernel(
     HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
@@ -74,6 +76,17 @@ def _in_conv_kernel(
     # This program's in_proj rows: z (< DI), xBC (the conv channels), dt (the last H rows).
     orow = pid_c.to(tl.int64) * BC + tl.arange(0, BC)
     omask = orow < NR
+    is_conv = (orow >= DI) & (orow < DI + CD)
+    chan = tl.where(is_conv, orow - DI, 0)
+
+    # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
+    prefetch_rows_l2(win_ptr, orow, omask, stride_wi0, DM, LINE, LPD, PDL)
+    lcol = tl.arange(0, LPD) * LINE
+    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
+    prefetch_l2(cw_ptr + chan * stride_cw0, is_conv, cw_ptr, PDL)
+    prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
+                rmask[:, None] & is_conv[None, :], cs_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, orow, omask, pid_c == 0,
                       eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
                       HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
@@ -82,8 +95,6 @@ def _in_conv_kernel(
     # Depthwise causal conv + SiLU over the xBC rows (masked elsewhere), adding in the order of the
     # op-by-op conv step. The window is read whole and rewritten shifted only after a barrier: a small
     # tile is replicated over threads, and no replica may overwrite an entry another has yet to read.
-    is_conv = (orow >= DI) & (orow < DI + CD)
-    chan = tl.where(is_conv, orow - DI, 0)
     cmask = mask & is_conv[None, :]
     kk = tl.arange(0, BW)
     kmask3 = cmask[:, :, None] & (kk[None, None, :] < W - 1)
@@ -113,7 +124,7 @@ def _scan_kernel(
     stride_zb, stride_sb, stride_sh, stride_sp, stride_sn, stride_yb, stride_pp,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, DI: tl.constexpr, CD: tl.constexpr,
     NPB: tl.constexpr, HAS_D: tl.constexpr, D_PER_DIM: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPN: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1)
@@ -126,6 +137,11 @@ def _scan_kernel(
     nmask = n < N
     wdt = y_ptr.dtype.element_ty
     row = zxd_ptr + b * stride_zb  # z | x | B | C | dt of this batch row (kernel 1's output)
+    # This head's state rows and constants into L2 while the previous kernel finishes (kernels/pdl.py).
+    prefetch_rows_l2(st_ptr + b * stride_sb + h * stride_sh, p, pmask, stride_sp, N, LINE, LPN, PDL)
+    prefetch_l2(A_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), A_ptr, PDL)
+    prefetch_l2(dtb_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), dtb_ptr, PDL)
+    wait_for_prior_kernel(PDL)
 
     raw = tl.load(row + DI + CD + h).to(tl.float32)
     dtv, _ = _discretize(raw, tl.load(dtb_ptr + h).to(tl.float32), True, dt_min, dt_max)
@@ -160,12 +176,18 @@ def _out_kernel(
     stride_yb, stride_zb, stride_pp, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
     DM: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, NPG: tl.constexpr, DOT: tl.constexpr,
     IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
+    # out_proj rows and the gate norm's weight into L2 while the previous kernel finishes (kernels/pdl.py).
+    prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, G * GS, LINE, LPI, PDL)
+    lcol = tl.arange(0, LPI) * LINE
+    prefetch_l2(gw_ptr + lcol, lcol < G * GS, gw_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     wdt = wo_ptr.dtype.element_ty
     if DOT:
         acc = tl.zeros([BB, BN], dtype=tl.float32)
@@ -269,6 +291,7 @@ def mamba2_decode_block_op(
         return res_out, ssq
     dev = conv_state.device
     ieee = wdt == torch.float32
+    pdl, line = pdl_enabled(dev), line_elems(in_proj_weight)
     zxd = torch.empty(batch, n_rows, device=dev, dtype=wdt)  # z | conv'd xBC | raw dt
     y = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     part = torch.empty(nheads * cfg["NPB"], batch, device=dev, dtype=torch.float32)
@@ -286,21 +309,24 @@ def mamba2_decode_block_op(
         HAS_X=x is not None, HAS_RES=residual is not None, HAS_SSQ=x is None and residual_sumsq is not None,
         HAS_CB=conv_bias is not None, DOT=cfg["DOT"], IEEE=ieee,
         BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BQ=_clamp(4096 // cfg["BB1"], 1, _pow2(nq_in)),
-        BW=_pow2(width - 1), num_warps=cfg["warps1"],
+        BW=_pow2(width - 1), PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"],
+        launch_pdl=pdl,
     )
     _scan_kernel[(batch * nheads, cfg["NPB"])](
         zxd, dt_bias, A, D, ssm_state, y, part, float(dt_min), float(dt_max),
         zxd.stride(0), *ssm_state.stride(), y.stride(0), part.stride(0),
         H=nheads, G=ngroups, P=headdim, N=d_state, DI=d_inner, CD=conv_dim, NPB=cfg["NPB"],
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, BP=cfg["BP"], BN=cfg["BNS"],
-        num_warps=8 if cfg["BP"] * cfg["BNS"] > 2048 else 4,
+        PDL=pdl, LINE=line_elems(ssm_state), LPN=lines_pow2(d_state, line_elems(ssm_state)),
+        num_warps=8 if cfg["BP"] * cfg["BNS"] > 2048 else 4, launch_pdl=pdl,
     )
     _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
         y, zxd, part, gate_norm_weight, out_proj_weight, res_mid, res_out, ssq, batch, float(gate_norm_eps),
         y.stride(0), zxd.stride(0), part.stride(0), *out_proj_weight.stride(), res_mid.stride(0),
         res_out.stride(0), ssq.stride(0),
         DM=d_model, G=ngroups, GS=d_inner // ngroups, NPG=cfg["NPG"], DOT=cfg["DOT"], IEEE=ieee,
-        BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"], BQ=_pow2(cfg["NPG"]), num_warps=cfg["warps3"],
+        BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"], BQ=_pow2(cfg["NPG"]), PDL=pdl, LINE=line,
+        LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
     )
     return res_out, ssq
 

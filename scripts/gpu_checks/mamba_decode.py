@@ -57,6 +57,7 @@ SMOKE = False
 MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
 OP2 = "mamba2_decode_block"
+PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
 SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
 SMOKE_SHAPE2 = dict(d_model=32, nheads=4, headdim=16, d_state=16, ngroups=2, width=4)
@@ -289,15 +290,30 @@ def _step_path(backend: str):
             os.environ[FUSED_MAMBA2_ENV] = env
 
 
+@contextlib.contextmanager
+def _pdl(on: bool):
+    """Programmatic dependent launch in the fused kernels on or off (kernels/pdl.py: SSM_SUITE_PDL)."""
+    old = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PDL_ENV, None)
+        else:
+            os.environ[PDL_ENV] = old
+
+
 class _Runner:
     """A CUDAGraphRunner whose step (captured, or run eagerly under --cpu-smoke) takes the fused block
-    step or the op-by-op one."""
+    step or the op-by-op one; ``pdl`` False captures the fused kernels without PDL."""
 
-    def __init__(self, model, batch: int, length: int, fused: bool) -> None:
+    def __init__(self, model, batch: int, length: int, fused: bool, pdl: bool = True) -> None:
         from core.cuda_graph import CUDAGraphRunner
 
         self.backend = "triton" if fused else "reference"
-        with _step_path(self.backend):
+        self.pdl = pdl
+        with _step_path(self.backend), _pdl(pdl):
             self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
         self.batch_size = batch
 
@@ -305,12 +321,12 @@ class _Runner:
         return self.runner.begin(length)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        with _step_path(self.backend):
+        with _step_path(self.backend), _pdl(self.pdl):
             return self.runner.step(token)
 
 
-def _runner(model, batch: int, length: int, fused: bool) -> _Runner:
-    return _Runner(model, batch, length, fused)
+def _runner(model, batch: int, length: int, fused: bool, pdl: bool = True) -> _Runner:
+    return _Runner(model, batch, length, fused, pdl)
 
 
 def _prefill(model, runner, batch: int, seed: int = 3) -> torch.Tensor:
@@ -404,11 +420,11 @@ def _block_bytes(args: dict) -> int:
     return nbytes(*weights) + 2 * nbytes(*states)
 
 
-def _block_ms(backend: str, args: dict) -> float | None:
+def _block_ms(backend: str, args: dict, pdl: bool = True) -> float | None:
     mamba2 = "gate_norm_weight" in args
 
     def go():
-        with forced_backend(backend, OP2 if mamba2 else OP):
+        with forced_backend(backend, OP2 if mamba2 else OP), _pdl(pdl):
             (mamba2_decode_block if mamba2 else mamba1_decode_block)(**args)
     if SMOKE:
         start = time.perf_counter()
@@ -423,18 +439,24 @@ def _bench_rows(batches=(1, 64), family: str = "mamba1"):
     n_layers = len(model.backbone.layers)
     for batch in ((2,) if SMOKE else batches):
         times = {}
-        for fused in (True, False):
-            runner = _runner(model, batch, 64, fused)
+        for fused, pdl in ((True, True), (True, False), (False, True)):
+            runner = _runner(model, batch, 64, fused, pdl)
             _prefill(model, runner, batch)
-            times[fused] = _time_replays(runner)
+            times[fused, pdl] = _time_replays(runner)
             del runner
         yield {"kernel": f"{family} decode step, {n_layers} blocks (fused / op-by-op)", "shape": f"batch {batch}",
-               "ours_fwd_ms": times[True], "baseline_fwd_ms": times[False], "ours_fwdbwd_ms": None,
+               "ours_fwd_ms": times[True, True], "baseline_fwd_ms": times[False, True], "ours_fwdbwd_ms": None,
                "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
+        yield {"kernel": f"{family} decode step, {n_layers} blocks (fused with PDL / without)",
+               "shape": f"batch {batch}", "ours_fwd_ms": times[True, True], "baseline_fwd_ms": times[True, False],
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
         make = block_args2 if family == "mamba2" else block_args
         args = make(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
         yield {"kernel": f"one {family} block step (fused / op-by-op)", "shape": f"batch {batch}",
                "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("reference", args),
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
+        yield {"kernel": f"one {family} block step (fused with PDL / without)", "shape": f"batch {batch}",
+               "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("triton", args, pdl=False),
                "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
 
 

@@ -1,0 +1,113 @@
+"""Compile the decoding-step kernels for a GPU target on a machine without one (used by test_pdl.py).
+
+Run as a script in a process without TRITON_INTERPRET (so that ``triton.jit`` makes real JIT functions):
+
+    TRITON_INTERPRET=0 python tests/kernels/hopper_compile.py --arch 90 --pdl 1
+
+It calls each fused decode op once on small CPU tensors with the Triton launches replaced by recorders,
+so the kernels' argument lists are exactly the ones the entry points build. Each recorded launch is then
+compiled with Triton's own binder and compiler for ``cuda:<arch>`` (the wheel ships ptxas, so this
+assembles real SASS; it checks inline PTX that the CPU interpreter never sees). Prints one JSON line per
+kernel: its name, whether the PTX has the PDL instructions and L2 prefetches, whether they come before
+every global load and store, and the cubin's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel: Any, calls: list) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid: Any):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def compile_launch(kernel: Any, args: tuple, kwargs: dict, target: Any) -> Any:
+    """Compile one recorded launch as ``JITFunction.run`` would on ``target`` (Triton 3.6's binder)."""
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def record_launches(pdl: bool) -> list:
+    """The Triton launches of one fused Mamba-1 and one fused Mamba-2 block step (batch 1, bfloat16)."""
+    import torch
+
+    from kernels import pdl as pdl_module
+    from kernels.mamba_decode import triton as m1
+    from kernels.mamba_decode import triton_mamba2 as m2
+
+    calls: list = []
+    for module in (m1, m2):
+        module.pdl_enabled = lambda device: pdl  # the CPU tensors stand for a Hopper device's
+        for name in ("_in_conv_kernel", "_scan_kernel", "_out_kernel"):
+            setattr(module, name, _Recorder(getattr(module, name), calls))
+    assert pdl_module.pdl_enabled(torch.device("cpu")) is False  # the real rule is untouched
+
+    bf = dict(dtype=torch.bfloat16)
+    dm, di, n, r, w = 64, 128, 16, 4, 4
+    m1.mamba1_decode_block_op(
+        torch.zeros(1, di, w - 1, **bf), torch.zeros(1, di, n), torch.zeros(1, dm, **bf), torch.zeros(1, dm, **bf),
+        torch.ones(dm, **bf), 1e-5, torch.zeros(2 * di, dm, **bf), torch.zeros(di, w, **bf), torch.zeros(di, **bf),
+        torch.zeros(r + 2 * n, di, **bf), torch.zeros(di, r, **bf), torch.zeros(di, **bf), -torch.ones(di, n),
+        torch.ones(di), torch.zeros(dm, di, **bf), torch.float32, None)
+    heads, headdim, groups = 4, 32, 1
+    conv_dim = di + 2 * groups * n
+    m2.mamba2_decode_block_op(
+        torch.zeros(1, conv_dim, w - 1, **bf), torch.zeros(1, heads, headdim, n), torch.zeros(1, dm, **bf),
+        torch.zeros(1, dm, **bf), torch.ones(dm, **bf), 1e-5, torch.zeros(di + conv_dim + heads, dm, **bf),
+        torch.zeros(conv_dim, w, **bf), torch.zeros(conv_dim, **bf), torch.zeros(heads), -torch.ones(heads),
+        torch.ones(heads), 0.0, float("inf"), torch.ones(di, **bf), 1e-5, torch.zeros(dm, di, **bf), torch.float32,
+        None)
+    return calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100)")
+    parser.add_argument("--pdl", type=int, default=1, help="1: the kernels as launched with PDL on")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the interpreter makes no compilable kernels")
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", args.arch, 32)
+    for kernel, kargs, kwargs in record_launches(bool(args.pdl)):
+        compiled = compile_launch(kernel, kargs, kwargs, target)
+        ptx = compiled.asm["ptx"]
+        lines = ptx.splitlines()
+        first = lambda pattern: next((i for i, line in enumerate(lines) if pattern in line), len(lines))
+        last = lambda pattern: max((i for i, line in enumerate(lines) if pattern in line), default=-1)
+        print(json.dumps({
+            "kernel": f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.fn.__name__}",
+            "launch_pdl": bool(kwargs.get("launch_pdl", False)),
+            "gdc_wait": "griddepcontrol.wait" in ptx,
+            "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
+            "prefetches": ptx.count("prefetch.global.L2"),
+            # every prefetch before the wait, and no global load or store before it
+            "ordered": last("prefetch.global.L2") < first("griddepcontrol.wait")
+            < min(first("ld.global"), first("st.global")),
+            "cubin_bytes": len(compiled.asm["cubin"]),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
