@@ -220,3 +220,89 @@ def test_reference_is_the_op_by_op_block():
     assert rel(got, expected) < 1e-14
     assert rel(sumsq[0], expected.square().sum(-1)) < 1e-14
     assert torch.allclose(states[0], cache.conv_state) and torch.allclose(states[1], cache.ssm_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run of blocks in one persistent kernel (mamba1_decode_blocks)
+
+LAYER_KEYS = ("conv_state", "ssm_state", "norm_weight", "norm_eps", "in_proj_weight", "conv_weight", "conv_bias",
+              "x_proj_weight", "dt_proj_weight", "dt_bias", "A", "D", "out_proj_weight")
+
+
+def make_run(n_layers, batch, stream, dtype, **kw):
+    """n_layers blocks (different weights and states, one shape) and the stream into the first."""
+    blocks = [make(batch, dtype=dtype, stream=stream, seed=100 + i, **kw) for i in range(n_layers)]
+    layers = [{k: b[k] for k in LAYER_KEYS} for b in blocks]
+    first = blocks[0]
+    return layers, dict(x=first["x"], residual=first["residual"], residual_dtype=first["residual_dtype"],
+                        residual_sumsq=first.get("residual_sumsq"))
+
+
+def block_by_block(layers, stream_args):
+    """The definition: the fused op (triton backend) block after block."""
+    x, residual = stream_args["x"], stream_args["residual"]
+    sumsq = stream_args["residual_sumsq"]
+    with forced_backend("triton", "mamba1_decode_block"):
+        for layer in layers:
+            residual, sumsq = mamba1_decode_block(x=x, residual=residual, residual_dtype=stream_args["residual_dtype"],
+                                                  residual_sumsq=sumsq if x is None else None, **layer)
+            x = None
+    return residual, sumsq
+
+
+@pytest.mark.parametrize("stream", ["x+res", "x", "res+ssq"])
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float32), (3, torch.bfloat16), (4, torch.float32)])
+def test_persistent_run_is_the_blocks_one_by_one_bit_for_bit(batch, dtype, stream):
+    from kernels.mamba_decode import triton as fused
+
+    layers, stream_args = make_run(3, batch, stream, dtype)
+    ref_layers = [copy(layer) for layer in layers]
+    want_res, want_ssq = block_by_block(ref_layers, stream_args)
+    got_res, got_ssq = fused.mamba1_decode_blocks_triton(layers, **stream_args)
+    assert got_res.dtype == want_res.dtype and torch.equal(got_res, want_res)
+    assert torch.equal(got_ssq, want_ssq)
+    for got, want in zip(layers, ref_layers):
+        for key in STATE_KEYS:
+            assert torch.equal(got[key], want[key]), key
+    # and the run did something: every block's state moved
+    fresh, _ = make_run(3, batch, stream, dtype)
+    assert all(not torch.equal(a["ssm_state"], b["ssm_state"]) for a, b in zip(layers, fresh))
+
+
+@pytest.mark.parametrize("layers_n", [1, 2])
+def test_public_op_takes_the_persistent_kernel_and_agrees_with_the_reference(layers_n, monkeypatch):
+    from kernels.mamba_decode import PERSISTENT_ENV, mamba1_decode_blocks
+    from kernels.mamba_decode import triton as fused
+
+    calls = []
+    real = fused.mamba1_decode_blocks_triton
+    monkeypatch.setattr(fused, "mamba1_decode_blocks_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layers, stream_args = make_run(layers_n, 2, "x", torch.float32, d_model=40, d_inner=80, d_state=5, dt_rank=3,
+                                   width=3, conv_bias=False, use_D=False)
+    ref_layers = [copy(layer) for layer in layers]
+    with forced_backend("triton", "mamba1_decode_block"):
+        got, _ = mamba1_decode_blocks(layers, **stream_args)
+    assert len(calls) == (1 if layers_n > 1 else 0)  # one block: nothing to fuse across
+    with forced_backend("reference", "mamba1_decode_block"):
+        want, _ = mamba1_decode_blocks(ref_layers, **stream_args)
+    assert rel(got, want) < 2e-5
+    monkeypatch.setenv(PERSISTENT_ENV, "0")
+    calls.clear()
+    with forced_backend("triton", "mamba1_decode_block"):
+        mamba1_decode_blocks([copy(layer) for layer in ref_layers], **stream_args)
+    assert not calls
+
+
+def test_persistent_run_refuses_mixed_blocks_and_large_batches():
+    from kernels.mamba_decode import triton as fused
+
+    layers, _ = make_run(2, 2, "x", torch.float32)
+    assert fused.layers_unsupported(layers) is None
+    odd = [layers[0], {**layers[1], "D": None}]
+    assert "D is absent" in fused.layers_unsupported(odd)
+    odd = [layers[0], {**layers[1], "norm_eps": 1e-6}]
+    assert "eps" in fused.layers_unsupported(odd)
+    big, _ = make_run(2, 5, "x", torch.float32)
+    assert "batch 5" in fused.layers_unsupported(big)
+    with pytest.raises(ValueError, match="one by one"):
+        fused.mamba1_decode_blocks_triton(big, big[0]["conv_state"].new_zeros(5, 32), None, torch.float32)
