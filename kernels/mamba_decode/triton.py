@@ -703,8 +703,6 @@ def mamba1_decode_block_triton(
 # barriers cannot wait on a program that never started); SSM_SUITE_COOPERATIVE_DECODE=0 launches it plainly
 # (its grid, at most two programs an SM, is resident on an otherwise idle GPU).
 COOPERATIVE_ENV = "SSM_SUITE_COOPERATIVE_DECODE"
-POLL_ENV = "SSM_SUITE_GRID_SYNC_POLL"  # "atomic" (default) or "load": how a barrier polls its counter
-PROGRAMS_ENV = "SSM_SUITE_PERSISTENT_PROGRAMS"  # the grid, overriding _programs (benchmarks)
 _TABLE_SLOTS = 12  # per layer: nw, in_proj, conv w, conv b, conv state, x_proj, dt_proj, dt_bias, A, D, state, out_proj
 _TABLES: dict[tuple, torch.Tensor] = {}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -718,19 +716,15 @@ def _fence_gpu():
 
 
 @triton.jit
-def _grid_sync(sync_ptr, target, POLL_LOAD: tl.constexpr):
+def _grid_sync(sync_ptr, target):
     """No program passes until every program has arrived: the counter at ``sync_ptr`` (zeroed before the
     launch, one arrival per program per barrier) reaches ``target``. Each thread's writes are fenced at
     GPU scope before its program arrives, and its reads after the barrier are fenced again."""
     _fence_gpu()
     tl.debug_barrier()
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    if POLL_LOAD:  # plain volatile reads of the counter (no read-modify-write traffic), then the fence
-        while tl.load(sync_ptr, volatile=True) < target:
-            pass
-    else:
-        while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
-            pass
+    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
     tl.debug_barrier()
     _fence_gpu()
 
@@ -756,7 +750,7 @@ def _layers_kernel(
     BN: tl.constexpr, BK3: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr, LPI: tl.constexpr,
     NW_T: tl.constexpr, W_T: tl.constexpr, CB_T: tl.constexpr, CS_T: tl.constexpr, DTB_T: tl.constexpr,
     A_T: tl.constexpr, D_T: tl.constexpr, ST_T: tl.constexpr,
-    NPROG: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr, POLL_LOAD: tl.constexpr,
+    NPROG: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Batch tile 0 (one tile: batch <= TILES["small_batch"]), and item indices, as tensors (the
@@ -788,7 +782,7 @@ def _layers_kernel(
                           True, HAS_CB, True, False, IEEE, BB, BC, BK1, BJ, BQ, BW, LINE, LPD, True, False, False)
         if layer > 0:
             epoch += NPROG
-            _grid_sync(sync_ptr, epoch, POLL_LOAD)  # the previous layer's phase 3 is done
+            _grid_sync(sync_ptr, epoch)  # the previous layer's phase 3 is done
             for item in range(pid, N1, NPROG):
                 _in_conv_item(zero + item, zero, x_ptr, buf_in, ssq_ptr, nw, win, cw, cb, cs, wx, mid_ptr, xc_ptr, z_ptr,
                               part_ptr, batch, eps, stride_xb, stride_bufb, stride_qp, stride_bufb, stride_wi0,
@@ -810,7 +804,7 @@ def _layers_kernel(
                        1, stride_w0, stride_w1, stride_a0, stride_a1, stride_xcb, stride_zb, stride_sb, stride_sd,
                        stride_sn, stride_yb, DI, R, N, NP, HAS_D, False, IEEE, BB, BD, BR, BNS, BP, True, False, False)
         epoch += NPROG
-        _grid_sync(sync_ptr, epoch, POLL_LOAD)
+        _grid_sync(sync_ptr, epoch)
         for item in range(pid, N2, NPROG):
             _scan_item(zero + item, zero, part_ptr, wdt, dtb, A, D, xc_ptr, z_ptr, st, y_ptr, batch, stride_pp, stride_pb,
                        1, stride_w0, stride_w1, stride_a0, stride_a1, stride_xcb, stride_zb, stride_sb, stride_sd,
@@ -822,7 +816,7 @@ def _layers_kernel(
                       stride_bufb, stride_bufb, stride_qp, DM, DI, False, IEEE, BB, BN, BK3, LINE, LPI, True, False,
                       False)
         epoch += NPROG
-        _grid_sync(sync_ptr, epoch, POLL_LOAD)
+        _grid_sync(sync_ptr, epoch)
         if layer > 0:
             for item in range(pid, N3, NPROG):
                 _out_item(zero + item, zero, y_ptr, wo, buf_in, buf_out, ssq_ptr, batch, stride_yb, stride_wo0, stride_wo1,
@@ -865,12 +859,6 @@ def layers_unsupported(layers: list[dict]) -> str | None:
         t = first[key]
         if t is not None and t.dtype not in _TL_DTYPES:
             return f"{key} in {t.dtype}"
-    d_inner, d_model = first["conv_state"].shape[1], first["norm_weight"].shape[0]
-    cfg = tiles(batch, d_model, d_inner, first["A"].shape[1], first["dt_proj_weight"].shape[1],
-                first["in_proj_weight"].element_size())
-    if not cfg["PART"]:
-        return (f"x_proj is one matmul at batch {batch} for this shape (the partials would be re-read too "
-                "often); the persistent step needs them")
     return None
 
 
@@ -933,8 +921,11 @@ def mamba1_decode_blocks_triton(layers: list[dict], x: torch.Tensor | None, resi
     y = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     part = torch.empty(cfg["NP"], batch, xproj, device=dev, dtype=torch.float32)
     sync = torch.zeros(1, device=dev, dtype=torch.int32)
+    if not cfg["PART"]:
+        raise ValueError("mamba1_decode_blocks (triton): x_proj through partials is off for this shape "
+                         "(TILES['small']['part'] or the partials' size); run the blocks one by one")
     n1, n2, n3 = 2 * cfg["NP"], cdiv(d_inner, cfg["BD"]), cfg["NQ"]
-    nprog = programs or int(os.environ.get(PROGRAMS_ENV, "0")) or _programs(dev, max(n1, n2, n3))
+    nprog = programs or _programs(dev, max(n1, n2, n3))
     line = line_elems(in_proj)
     ssq_in = residual_sumsq if x is None else None
     nq_in = ssq_in.shape[0] if ssq_in is not None else 1
@@ -958,8 +949,7 @@ def mamba1_decode_blocks_triton(layers: list[dict], x: torch.Tensor | None, resi
         NW_T=T[f["norm_weight"].dtype], W_T=T[wdt], CB_T=T[cb.dtype] if cb is not None else T[wdt],
         CS_T=T[conv_state.dtype], DTB_T=T[f["dt_bias"].dtype], A_T=T[A.dtype],
         D_T=T[D.dtype] if D is not None else T[wdt], ST_T=T[f["ssm_state"].dtype],
-        NPROG=nprog, N1=n1, N2=n2, N3=n3, POLL_LOAD=os.environ.get(POLL_ENV, "atomic") == "load",
-        num_warps=cfg["warps1"],
+        NPROG=nprog, N1=n1, N2=n2, N3=n3, num_warps=cfg["warps1"],
         launch_cooperative_grid=os.environ.get(COOPERATIVE_ENV, "1") != "0",
     )
     return buf[(len(layers) - 1) % 2], ssq
