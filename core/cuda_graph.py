@@ -60,8 +60,7 @@ from core.cache import InferenceCache
 from core.layers.mamba1 import Mamba1
 from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
-from kernels.mamba_decode import PERSISTENT_ENV as PERSISTENT_MAMBA1_ENV
-from kernels.mamba_decode import (mamba1_decode_backend, mamba1_decode_blocks, mamba2_decode_backend,
+from kernels.mamba_decode import (mamba1_decode_backend, mamba1_decode_block, mamba2_decode_backend,
                                   mamba2_decode_block)
 from kernels.norm import rms_norm
 
@@ -180,8 +179,6 @@ def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
         return "op by op (fused add+norm)"
     others = "" if n1 + n2 == total else "; others op by op"
     parts = [f"Mamba-{k} {n}/{total}" for k, n in ((1, n1), (2, n2)) if n]
-    if n1 > 1 and os.environ.get(PERSISTENT_MAMBA1_ENV, "1") != "0" and batch_size <= 4:
-        others += "; runs of Mamba-1 blocks as one persistent kernel"  # kernels.mamba_decode.mamba1_decode_blocks
     if n2 == 0:
         return f"fused Mamba-1 step ({n1}/{total} blocks{others})"
     return f"fused block steps ({', '.join(parts)} blocks{others})"
@@ -211,28 +208,10 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     # block has added its own). `sumsq`: a fused block's partial sums of squares of the stream, which the
     # next fused block's norm reads instead of the row.
     residual = sumsq = None
-    blocks = list(zip(backbone.layers, cache.layers, fused1, fused2))
-    i = 0
-    while i < len(blocks):
-        block, layer_cache, use_fused1, use_fused2 = blocks[i]
-        i += 1
-        if use_fused1:
-            # The run of consecutive fused Mamba-1 blocks from here: one call (one persistent kernel on
-            # CUDA at small batch, see kernels.mamba_decode.mamba1_decode_blocks).
-            run = [block]
-            while i < len(blocks) and blocks[i][2]:
-                run.append(blocks[i][0])
-                i += 1
-            layers = [dict(conv_state=c.conv_state, ssm_state=c.ssm_state, norm_weight=b.norm.weight,
-                           norm_eps=b.norm.eps, **b.mixer.fused_step_weights())
-                      for b, c in zip(run, cache.layers[i - len(run):i])]
-            stream, sumsq = mamba1_decode_blocks(
-                layers, None if out is None else out[:, 0], None if residual is None else residual[:, 0],
-                residual_dtype=stream_dtype, residual_sumsq=sumsq if out is None else None)
-            residual, out = stream[:, None], None
-            continue
-        if use_fused2:
-            stream, sumsq = mamba2_decode_block(
+    for block, layer_cache, use_fused1, use_fused2 in zip(backbone.layers, cache.layers, fused1, fused2):
+        if use_fused1 or use_fused2:
+            step = mamba1_decode_block if use_fused1 else mamba2_decode_block
+            stream, sumsq = step(
                 layer_cache.conv_state, layer_cache.ssm_state, None if out is None else out[:, 0],
                 None if residual is None else residual[:, 0], block.norm.weight, block.norm.eps,
                 **block.mixer.fused_step_weights(), residual_dtype=stream_dtype,

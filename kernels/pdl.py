@@ -33,8 +33,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LINE_BYTES = 128  # an L2 line as prefetch.global.L2 fetches it
-# The CPU interpreter runs no inline PTX: there every helper is a no-op (it has no caches or launches).
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +58,7 @@ def line_elems(t: torch.Tensor) -> int:
 def prefetch_l2(ptrs, mask, base, PDL: tl.constexpr):
     """Hint: bring the lines at ``ptrs`` (where ``mask``) into L2. Masked-off entries prefetch ``base``, a
     valid address, so no lane touches memory outside the tensors. Nothing is returned or read."""
-    if PDL and not _INTERPRET:
+    if PDL:
         safe = tl.where(mask, ptrs, base)
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [safe],
                                   dtype=tl.int32, is_pure=False, pack=1)
@@ -72,7 +70,7 @@ def prefetch_rows_l2(base, rows, row_mask, stride_row, row_len, LINE: tl.constex
     """Prefetch the contiguous rows ``base + rows * stride_row + [0, row_len)`` (unit stride along a row),
     one pointer per line: ``LINE`` elements a line, ``LP`` >= ceil(row_len / LINE) lines a row (a power
     of two)."""
-    if PDL and not _INTERPRET:
+    if PDL:
         offs = tl.arange(0, LP) * LINE
         ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs[None, :]
         prefetch_l2(ptrs, row_mask[:, None] & (offs[None, :] < row_len), base, PDL)
@@ -82,7 +80,7 @@ def prefetch_rows_l2(base, rows, row_mask, stride_row, row_len, LINE: tl.constex
 def wait_for_prior_kernel(PDL: tl.constexpr):
     """Block until the previous kernel in the stream has completed and its writes are visible, then let
     the next PDL kernel start (its prologue overlaps this kernel's body). No-op without PDL."""
-    if PDL and not _INTERPRET:
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
 

@@ -14,14 +14,13 @@ the op has no autograd. ``core.cuda_graph.decode_step`` uses it for the blocks i
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from kernels.dispatch import choose_backend
 from kernels.mamba_decode.reference import mamba1_decode_block_reference, mamba2_decode_block_reference
 
-__all__ = ["mamba1_decode_block", "mamba1_decode_blocks", "mamba1_decode_backend", "mamba1_decode_unsupported",
+__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported",
            "mamba2_decode_block", "mamba2_decode_backend", "mamba2_decode_unsupported"]
 
 OP = "mamba1_decode_block"
@@ -159,50 +158,6 @@ def mamba1_decode_block(
     return _BLOCK[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
                            conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
                            residual_sumsq)
-
-
-PERSISTENT_ENV = "SSM_SUITE_PERSISTENT_MAMBA1_DECODE"  # "0": mamba1_decode_blocks runs block by block
-
-
-def mamba1_decode_blocks(
-    layers: list[dict],
-    x: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    residual_dtype: torch.dtype | None = None,
-    residual_sumsq: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consecutive pre-norm Mamba-1 blocks for one token per row: exactly :func:`mamba1_decode_block` called
-    block after block (the first with ``x`` / ``residual`` / ``residual_sumsq``, each later one with the
-    previous call's stream and sums of squares), which defines the result.
-
-    ``layers``: one dict per block with the keyword arguments of :func:`mamba1_decode_block` from
-    ``conv_state`` to ``out_proj_weight`` except x and residual (norm_weight, norm_eps, the weights, both
-    states). With the triton backend, a batch of at most 4 rows and blocks of one shape, the run is one
-    persistent kernel (``triton.mamba1_decode_blocks_triton``: grid barriers instead of 3 kernel
-    boundaries a block, bit-identical to the block-by-block op); ``SSM_SUITE_PERSISTENT_MAMBA1_DECODE=0``
-    turns that off. Returns (residual_out, sumsq) of the last block.
-    """
-    if not layers:
-        raise ValueError("mamba1_decode_blocks: no blocks given")
-    if residual_dtype is None:
-        residual_dtype = residual.dtype if residual is not None else x.dtype
-    device = layers[0]["conv_state"].device
-    if len(layers) > 1 and mamba1_decode_backend(device) == "triton" and os.environ.get(PERSISTENT_ENV, "1") != "0":
-        for layer in layers:
-            _check(layer["conv_state"], layer["ssm_state"], x, residual, layer["norm_weight"],
-                   layer["in_proj_weight"], layer["conv_weight"], layer["conv_bias"], layer["x_proj_weight"],
-                   layer["dt_proj_weight"], layer["dt_bias"], layer["A"], layer["D"], layer["out_proj_weight"],
-                   residual_sumsq if layer is layers[0] else None)
-        from kernels.mamba_decode import triton as fused
-
-        if fused.layers_unsupported(layers) is None:
-            return fused.mamba1_decode_blocks_triton(layers, x, residual, residual_dtype, residual_sumsq)
-    stream, sumsq = None, residual_sumsq
-    for layer in layers:
-        stream, sumsq = mamba1_decode_block(x=x, residual=residual, residual_dtype=residual_dtype,
-                                            residual_sumsq=sumsq if x is None else None, **layer)
-        x, residual = None, stream
-    return stream, sumsq
 
 
 # ----------------------------------------------------------------------------------------------

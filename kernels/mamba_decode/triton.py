@@ -187,8 +187,7 @@ def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rm
 
 
 @triton.jit
-def _in_conv_item(
-    pid_c, pid_b,
+def _in_conv_kernel(
     x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
     stream_ptr, xc_ptr, z_ptr, part_ptr,
     batch, eps,
@@ -199,12 +198,12 @@ def _in_conv_item(
     HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
     HAS_PART: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
-    LINE: tl.constexpr, LPD: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr, BODY: tl.constexpr,
+    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
 ):
-    """Kernel 1's work for channel block ``pid_c`` and batch tile ``pid_b``: PREFETCH its weights and conv
-    window into L2, WAIT for the previous kernel (PDL), then the BODY (any of the three)."""
-    rows = pid_b.to(tl.int64) * BB + tl.arange(0, BB)
+    pid_c = tl.program_id(0)
+    rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
+    wdt = win_ptr.dtype.element_ty
 
     # in_proj rows of this program: channels of the x half, or of the z half (offset by DI).
     NXB: tl.constexpr = (DI + BC - 1) // BC
@@ -215,39 +214,16 @@ def _in_conv_item(
     wrow = tl.where(is_x, chan, chan + DI)
 
     # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_rows_l2(win_ptr, wrow, cmask, stride_wi0, DM, LINE, LPD, PREFETCH)
+    prefetch_rows_l2(win_ptr, wrow, cmask, stride_wi0, DM, LINE, LPD, PDL)
     lcol = tl.arange(0, LPD) * LINE
-    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PREFETCH)
-    prefetch_l2(cw_ptr + chan * stride_cw0, cmask & is_x, cw_ptr, PREFETCH)
+    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
+    prefetch_l2(cw_ptr + chan * stride_cw0, cmask & is_x, cw_ptr, PDL)
     prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
-                rmask[:, None] & cmask[None, :] & is_x, cs_ptr, PREFETCH)
+                rmask[:, None] & cmask[None, :] & is_x, cs_ptr, PDL)
     if HAS_PART:
         jp = tl.arange(0, BJ)
-        prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PREFETCH)
-    wait_for_prior_kernel(WAIT)
-    if BODY:
-        _in_conv_body(pid_c, rows, rmask, chan, cmask, wrow, is_x,
-                      x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
-                      stream_ptr, xc_ptr, z_ptr, part_ptr, eps,
-                      stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, stride_cw0, stride_cw1,
-                      stride_csb, stride_csd, stride_csk, stride_wx0, stride_wx1, stride_xcb, stride_zb, stride_pp,
-                      stride_pb, DM, DI, J, W, NQ, HAS_X, HAS_RES, HAS_SSQ, HAS_CB, HAS_PART, DOT, IEEE,
-                      BB, BC, BK, BJ, BQ, BW)
-
-
-@triton.jit
-def _in_conv_body(
-    pid_c, rows, rmask, chan, cmask, wrow, is_x,
-    x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
-    stream_ptr, xc_ptr, z_ptr, part_ptr, eps,
-    stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, stride_cw0, stride_cw1,
-    stride_csb, stride_csd, stride_csk, stride_wx0, stride_wx1, stride_xcb, stride_zb, stride_pp, stride_pb,
-    DM: tl.constexpr, DI: tl.constexpr, J: tl.constexpr, W: tl.constexpr, NQ: tl.constexpr,
-    HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
-    HAS_PART: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
-):
-    wdt = win_ptr.dtype.element_ty
+        prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask, pid_c == 0,
                       eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
                       HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
@@ -291,29 +267,7 @@ def _in_conv_body(
 
 
 @triton.jit
-def _in_conv_kernel(
-    x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
-    stream_ptr, xc_ptr, z_ptr, part_ptr,
-    batch, eps,
-    stride_xb, stride_rb, stride_qp, stride_sb,
-    stride_wi0, stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk, stride_wx0, stride_wx1,
-    stride_xcb, stride_zb, stride_pp, stride_pb,
-    DM: tl.constexpr, DI: tl.constexpr, J: tl.constexpr, W: tl.constexpr, NQ: tl.constexpr,
-    HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
-    HAS_PART: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
-):
-    _in_conv_item(tl.program_id(0), tl.program_id(1), x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr,
-                  cs_ptr, wx_ptr, stream_ptr, xc_ptr, z_ptr, part_ptr, batch, eps, stride_xb, stride_rb, stride_qp,
-                  stride_sb, stride_wi0, stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk,
-                  stride_wx0, stride_wx1, stride_xcb, stride_zb, stride_pp, stride_pb, DM, DI, J, W, NQ, HAS_X,
-                  HAS_RES, HAS_SSQ, HAS_CB, HAS_PART, DOT, IEEE, BB, BC, BK, BJ, BQ, BW, LINE, LPD, PDL, PDL, True)
-
-
-@triton.jit
-def _scan_item(
-    pid_d, pid_b,
+def _scan_kernel(
     part_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, xc_ptr, z_ptr, st_ptr, y_ptr,
     batch,
     stride_pp, stride_pb, stride_pj, stride_w0, stride_w1, stride_a0, stride_a1,
@@ -321,38 +275,21 @@ def _scan_item(
     DI: tl.constexpr, R: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    PREFETCH: tl.constexpr, WAIT: tl.constexpr, BODY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Kernel 2's work for channel block ``pid_d`` and batch tile ``pid_b`` (PREFETCH, WAIT, BODY as in
-    ``_in_conv_item``)."""
-    rows = pid_b.to(tl.int64) * BB + tl.arange(0, BB)
+    rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
-    d = pid_d.to(tl.int64) * BD + tl.arange(0, BD)
+    d = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD)
     dmask = d < DI
     # Weights and this layer's state rows into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_l2(wdt_ptr + d * stride_w0, dmask, wdt_ptr, PREFETCH)
-    prefetch_l2(A_ptr + d * stride_a0, dmask, A_ptr, PREFETCH)
-    prefetch_l2(dtb_ptr + d, dmask, dtb_ptr, PREFETCH)
+    prefetch_l2(wdt_ptr + d * stride_w0, dmask, wdt_ptr, PDL)
+    prefetch_l2(A_ptr + d * stride_a0, dmask, A_ptr, PDL)
+    prefetch_l2(dtb_ptr + d, dmask, dtb_ptr, PDL)
     if HAS_D:
-        prefetch_l2(D_ptr + d, dmask, D_ptr, PREFETCH)
+        prefetch_l2(D_ptr + d, dmask, D_ptr, PDL)
     prefetch_l2(st_ptr + rows[:, None] * stride_sb + d[None, :] * stride_sd, rmask[:, None] & dmask[None, :],
-                st_ptr, PREFETCH)
-    wait_for_prior_kernel(WAIT)
-    if BODY:
-        _scan_body(rows, rmask, d, dmask, part_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, xc_ptr, z_ptr, st_ptr, y_ptr,
-                   stride_pp, stride_pb, stride_pj, stride_w0, stride_w1, stride_a0, stride_a1,
-                   stride_xcb, stride_zb, stride_sb, stride_sd, stride_sn, stride_yb,
-                   R, N, NP, HAS_D, DOT, IEEE, BB, BR, BN, BP)
-
-
-@triton.jit
-def _scan_body(
-    rows, rmask, d, dmask, part_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, xc_ptr, z_ptr, st_ptr, y_ptr,
-    stride_pp, stride_pb, stride_pj, stride_w0, stride_w1, stride_a0, stride_a1,
-    stride_xcb, stride_zb, stride_sb, stride_sd, stride_sn, stride_yb,
-    R: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr,
-    IEEE: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-):
+                st_ptr, PDL)
+    wait_for_prior_kernel(PDL)
     wdt = y_ptr.dtype.element_ty
     r = tl.arange(0, BR)
     n = tl.arange(0, BN)
@@ -400,51 +337,20 @@ def _scan_body(
 
 
 @triton.jit
-def _scan_kernel(
-    part_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, xc_ptr, z_ptr, st_ptr, y_ptr,
-    batch,
-    stride_pp, stride_pb, stride_pj, stride_w0, stride_w1, stride_a0, stride_a1,
-    stride_xcb, stride_zb, stride_sb, stride_sd, stride_sn, stride_yb,
-    DI: tl.constexpr, R: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    _scan_item(tl.program_id(0), tl.program_id(1), part_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, xc_ptr, z_ptr, st_ptr,
-               y_ptr, batch, stride_pp, stride_pb, stride_pj, stride_w0, stride_w1, stride_a0, stride_a1,
-               stride_xcb, stride_zb, stride_sb, stride_sd, stride_sn, stride_yb, DI, R, N, NP, HAS_D, DOT, IEEE,
-               BB, BD, BR, BN, BP, PDL, PDL, True)
-
-
-@triton.jit
-def _out_item(
-    pid_n, pid_b,
+def _out_kernel(
     y_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr,
     batch,
     stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
     DM: tl.constexpr, DI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
-    PREFETCH: tl.constexpr, WAIT: tl.constexpr, BODY: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
 ):
-    """Kernel 3's work for output block ``pid_n`` and batch tile ``pid_b`` (PREFETCH, WAIT, BODY as in
-    ``_in_conv_item``)."""
-    rows = pid_b.to(tl.int64) * BB + tl.arange(0, BB)
+    pid_n = tl.program_id(0)
+    rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
-    prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PREFETCH)  # kernels/pdl.py
-    wait_for_prior_kernel(WAIT)
-    if BODY:
-        _out_body(pid_n, rows, rmask, cols, nmask, y_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr,
-                  stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp, DI, DOT, IEEE, BB, BN, BK)
-
-
-@triton.jit
-def _out_body(
-    pid_n, rows, rmask, cols, nmask, y_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr,
-    stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
-    DI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
+    prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PDL)  # kernels/pdl.py
+    wait_for_prior_kernel(PDL)
     if DOT:
         acc = tl.zeros([BB, BN], dtype=tl.float32)
     else:
@@ -463,19 +369,6 @@ def _out_body(
         acc = tl.sum(acc3, axis=2)
     _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
                     cols, rmask, nmask)
-
-
-@triton.jit
-def _out_kernel(
-    y_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr,
-    batch,
-    stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
-    DM: tl.constexpr, DI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
-):
-    _out_item(tl.program_id(0), tl.program_id(1), y_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr, batch,
-              stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp, DM, DI, DOT, IEEE, BB, BN, BK,
-              LINE, LPI, PDL, PDL, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,9 +469,7 @@ def mamba1_decode_block_op(
         return res_out, ssq
     dev = conv_state.device
     ieee = wdt == torch.float32
-    # PDL only for the register (GEMV) tiles: the tl.dot tiles' early-launched programs hold registers
-    # while they wait, and the batch-64 step was 1.37x slower with PDL (docs/kernels/mamba_decode.md).
-    pdl, line = pdl_enabled(dev) and not cfg["DOT"], line_elems(in_proj_weight)
+    pdl, line = pdl_enabled(dev), line_elems(in_proj_weight)
     xc = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     z = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     part = torch.empty(cfg["NP"] if cfg["PART"] else 0, batch, xproj, device=dev, dtype=torch.float32)
@@ -681,275 +572,3 @@ def mamba1_decode_block_triton(
         conv_state, ssm_state, _rows(x), _rows(residual), norm_weight, float(norm_eps), in_proj_weight,
         conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
         residual_sumsq if x is None else None)
-
-
-# ----------------------------------------------------------------------------------------------
-# A run of Mamba-1 blocks in one persistent kernel (small batches)
-#
-# Three kernels a block still leave a 24-block step with 72 kernel boundaries, each a few microseconds
-# of launch and drain in a CUDA graph (docs/kernels/mamba_decode.md). ``_layers_kernel`` runs the same
-# three phases for every block of a run in ONE launch: a fixed grid of programs, all resident at once
-# (a cooperative launch, which fails rather than hangs if they cannot be), walks the layers; each
-# phase's work items (the separate kernels' programs) are dealt round-robin to the programs, and a grid
-# barrier stands where a kernel boundary stood. Before each barrier a program prefetches the weights of
-# its items in the next phase into L2. The item functions are the separate kernels' own
-# (``_in_conv_item``, ``_scan_item``, ``_out_item``), so the results are bit-identical to running the
-# blocks one fused op at a time. The residual stream alternates between two buffers (a phase-3 item
-# must not update its input in place: small tiles are replicated over threads); the sums of squares,
-# xc, z, the x_proj partials and y are reused across layers, each written only after a barrier that
-# follows its last reader.
-
-# _layers_kernel is launched cooperatively (the driver checks that the whole grid is resident, so the grid
-# barriers cannot wait on a program that never started); SSM_SUITE_COOPERATIVE_DECODE=0 launches it plainly
-# (its grid, at most two programs an SM, is resident on an otherwise idle GPU).
-COOPERATIVE_ENV = "SSM_SUITE_COOPERATIVE_DECODE"
-_TABLE_SLOTS = 12  # per layer: nw, in_proj, conv w, conv b, conv state, x_proj, dt_proj, dt_bias, A, D, state, out_proj
-_TABLES: dict[tuple, torch.Tensor] = {}
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-@triton.jit
-def _fence_gpu():
-    if not _INTERPRET:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
-def _grid_sync(sync_ptr, target):
-    """No program passes until every program has arrived: the counter at ``sync_ptr`` (zeroed before the
-    launch, one arrival per program per barrier) reaches ``target``. Each thread's writes are fenced at
-    GPU scope before its program arrives, and its reads after the barrier are fenced again."""
-    _fence_gpu()
-    tl.debug_barrier()
-    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()
-    _fence_gpu()
-
-
-@triton.jit
-def _layer_ptr(tab_ptr, layer, slot: tl.constexpr, DT: tl.constexpr):
-    return tl.load(tab_ptr + layer * 12 + slot).to(tl.pointer_type(DT))
-
-
-@triton.jit
-def _layers_kernel(
-    tab_ptr, n_layers, x_ptr, res_ptr, ssq_in_ptr, mid_ptr, buf_ptr, ssq_ptr, xc_ptr, z_ptr, part_ptr, y_ptr, sync_ptr,
-    batch, eps,
-    stride_xb, stride_rb, stride_qin, stride_buf0, stride_bufb, stride_qp,
-    stride_wi0, stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk, stride_wx0, stride_wx1,
-    stride_w0, stride_w1, stride_a0, stride_a1, stride_sb, stride_sd, stride_sn, stride_wo0, stride_wo1,
-    stride_xcb, stride_zb, stride_pp, stride_pb, stride_yb,
-    DM: tl.constexpr, DI: tl.constexpr, J: tl.constexpr, R: tl.constexpr, N: tl.constexpr, W: tl.constexpr,
-    NQ_IN: tl.constexpr, NQ: tl.constexpr, NP: tl.constexpr,
-    HAS_X0: tl.constexpr, HAS_RES0: tl.constexpr, HAS_SSQ0: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr,
-    IEEE: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr, BK1: tl.constexpr, BJ: tl.constexpr, BQ0: tl.constexpr,
-    BQ: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BNS: tl.constexpr, BP: tl.constexpr,
-    BN: tl.constexpr, BK3: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr, LPI: tl.constexpr,
-    NW_T: tl.constexpr, W_T: tl.constexpr, CB_T: tl.constexpr, CS_T: tl.constexpr, DTB_T: tl.constexpr,
-    A_T: tl.constexpr, D_T: tl.constexpr, ST_T: tl.constexpr,
-    NPROG: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    # Batch tile 0 (one tile: batch <= TILES["small_batch"]), and item indices, as tensors (the
-    # interpreter's range yields Python ints).
-    zero = pid * 0
-    epoch = pid * 0
-    for layer in range(0, n_layers):
-        nw = _layer_ptr(tab_ptr, layer, 0, NW_T)
-        win = _layer_ptr(tab_ptr, layer, 1, W_T)
-        cw = _layer_ptr(tab_ptr, layer, 2, W_T)
-        cb = _layer_ptr(tab_ptr, layer, 3, CB_T)
-        cs = _layer_ptr(tab_ptr, layer, 4, CS_T)
-        wx = _layer_ptr(tab_ptr, layer, 5, W_T)
-        wdt = _layer_ptr(tab_ptr, layer, 6, W_T)
-        dtb = _layer_ptr(tab_ptr, layer, 7, DTB_T)
-        A = _layer_ptr(tab_ptr, layer, 8, A_T)
-        D = _layer_ptr(tab_ptr, layer, 9, D_T)
-        st = _layer_ptr(tab_ptr, layer, 10, ST_T)
-        wo = _layer_ptr(tab_ptr, layer, 11, W_T)
-        buf_out = buf_ptr + (layer % 2) * stride_buf0
-        buf_in = buf_ptr + ((layer + 1) % 2) * stride_buf0
-
-        # Phase 1: add + norm + in_proj + conv + SiLU + x_proj partials.
-        for item in range(pid, N1, NPROG):
-            _in_conv_item(zero + item, zero, x_ptr, buf_in, ssq_ptr, nw, win, cw, cb, cs, wx, mid_ptr, xc_ptr, z_ptr,
-                          part_ptr, batch, eps, stride_xb, stride_bufb, stride_qp, stride_bufb, stride_wi0,
-                          stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk, stride_wx0,
-                          stride_wx1, stride_xcb, stride_zb, stride_pp, stride_pb, DM, DI, J, W, NQ, False, True,
-                          True, HAS_CB, True, False, IEEE, BB, BC, BK1, BJ, BQ, BW, LINE, LPD, True, False, False)
-        if layer > 0:
-            epoch += NPROG
-            _grid_sync(sync_ptr, epoch)  # the previous layer's phase 3 is done
-            for item in range(pid, N1, NPROG):
-                _in_conv_item(zero + item, zero, x_ptr, buf_in, ssq_ptr, nw, win, cw, cb, cs, wx, mid_ptr, xc_ptr, z_ptr,
-                              part_ptr, batch, eps, stride_xb, stride_bufb, stride_qp, stride_bufb, stride_wi0,
-                              stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk, stride_wx0,
-                              stride_wx1, stride_xcb, stride_zb, stride_pp, stride_pb, DM, DI, J, W, NQ, False, True,
-                              True, HAS_CB, True, False, IEEE, BB, BC, BK1, BJ, BQ, BW, LINE, LPD, False, False, True)
-        else:
-            for item in range(pid, N1, NPROG):
-                _in_conv_item(zero + item, zero, x_ptr, res_ptr, ssq_in_ptr, nw, win, cw, cb, cs, wx, mid_ptr, xc_ptr,
-                              z_ptr, part_ptr, batch, eps, stride_xb, stride_rb, stride_qin, stride_bufb, stride_wi0,
-                              stride_wi1, stride_cw0, stride_cw1, stride_csb, stride_csd, stride_csk, stride_wx0,
-                              stride_wx1, stride_xcb, stride_zb, stride_pp, stride_pb, DM, DI, J, W, NQ_IN, HAS_X0,
-                              HAS_RES0, HAS_SSQ0, HAS_CB, True, False, IEEE, BB, BC, BK1, BJ, BQ0, BW, LINE, LPD,
-                              False, False, True)
-
-        # Phase 2: x_proj reduction + dt_proj + softplus + scan + D + gate.
-        for item in range(pid, N2, NPROG):
-            _scan_item(zero + item, zero, part_ptr, wdt, dtb, A, D, xc_ptr, z_ptr, st, y_ptr, batch, stride_pp, stride_pb,
-                       1, stride_w0, stride_w1, stride_a0, stride_a1, stride_xcb, stride_zb, stride_sb, stride_sd,
-                       stride_sn, stride_yb, DI, R, N, NP, HAS_D, False, IEEE, BB, BD, BR, BNS, BP, True, False, False)
-        epoch += NPROG
-        _grid_sync(sync_ptr, epoch)
-        for item in range(pid, N2, NPROG):
-            _scan_item(zero + item, zero, part_ptr, wdt, dtb, A, D, xc_ptr, z_ptr, st, y_ptr, batch, stride_pp, stride_pb,
-                       1, stride_w0, stride_w1, stride_a0, stride_a1, stride_xcb, stride_zb, stride_sb, stride_sd,
-                       stride_sn, stride_yb, DI, R, N, NP, HAS_D, False, IEEE, BB, BD, BR, BNS, BP, False, False, True)
-
-        # Phase 3: out_proj + residual add + partial sums of squares.
-        for item in range(pid, N3, NPROG):
-            _out_item(zero + item, zero, y_ptr, wo, buf_in, buf_out, ssq_ptr, batch, stride_yb, stride_wo0, stride_wo1,
-                      stride_bufb, stride_bufb, stride_qp, DM, DI, False, IEEE, BB, BN, BK3, LINE, LPI, True, False,
-                      False)
-        epoch += NPROG
-        _grid_sync(sync_ptr, epoch)
-        if layer > 0:
-            for item in range(pid, N3, NPROG):
-                _out_item(zero + item, zero, y_ptr, wo, buf_in, buf_out, ssq_ptr, batch, stride_yb, stride_wo0, stride_wo1,
-                          stride_bufb, stride_bufb, stride_qp, DM, DI, False, IEEE, BB, BN, BK3, LINE, LPI, False,
-                          False, True)
-        elif HAS_X0:  # the stream x + residual that phase 1 wrote into mid
-            for item in range(pid, N3, NPROG):
-                _out_item(zero + item, zero, y_ptr, wo, mid_ptr, buf_out, ssq_ptr, batch, stride_yb, stride_wo0, stride_wo1,
-                          stride_bufb, stride_bufb, stride_qp, DM, DI, False, IEEE, BB, BN, BK3, LINE, LPI, False,
-                          False, True)
-        else:  # the stream is the residual given
-            for item in range(pid, N3, NPROG):
-                _out_item(zero + item, zero, y_ptr, wo, res_ptr, buf_out, ssq_ptr, batch, stride_yb, stride_wo0, stride_wo1,
-                          stride_rb, stride_bufb, stride_qp, DM, DI, False, IEEE, BB, BN, BK3, LINE, LPI, False,
-                          False, True)
-
-
-_LAYER_KEYS = ("norm_weight", "in_proj_weight", "conv_weight", "conv_bias", "conv_state", "x_proj_weight",
-               "dt_proj_weight", "dt_bias", "A", "D", "ssm_state", "out_proj_weight")
-
-
-def layers_unsupported(layers: list[dict]) -> str | None:
-    """Why ``_layers_kernel`` cannot run this run of blocks (each a dict of ``_LAYER_KEYS`` + norm_eps,
-    already checked one by one); None when it can. Every block must match the first in every shape,
-    stride and dtype (one set of strides and constexprs serves all), and the batch must be small."""
-    first = layers[0]
-    batch = first["conv_state"].shape[0]
-    if not 1 <= batch <= TILES["small_batch"]:
-        return f"batch {batch} outside 1..{TILES['small_batch']} (the persistent step has one batch tile)"
-    for i, layer in enumerate(layers[1:], 1):
-        if layer["norm_eps"] != first["norm_eps"]:
-            return f"block {i}'s norm eps differs from block 0's"
-        for key in _LAYER_KEYS:
-            a, b = first[key], layer[key]
-            if (a is None) != (b is None):
-                return f"block {i}'s {key} is {'absent' if b is None else 'present'}, block 0's is not"
-            if a is not None and (a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype):
-                return f"block {i}'s {key} differs from block 0's in shape, stride or dtype"
-    for key in _LAYER_KEYS:
-        t = first[key]
-        if t is not None and t.dtype not in _TL_DTYPES:
-            return f"{key} in {t.dtype}"
-    return None
-
-
-def _pointer_table(layers: list[dict], device: torch.device) -> torch.Tensor:
-    """[n_layers, 12] int64 addresses (absent conv bias / D: the in_proj weight's, never read). Cached by
-    the addresses themselves, so a hit always holds the right values; built outside graph capture (the
-    runners' warm-up steps), since it is a host-to-device copy."""
-    ptrs = tuple(
-        (layer[key] if layer[key] is not None else layer["in_proj_weight"]).data_ptr()
-        for layer in layers for key in _LAYER_KEYS)
-    key = (device, ptrs)
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= 64:
-            _TABLES.clear()
-        table = torch.tensor(ptrs, dtype=torch.int64).view(len(layers), _TABLE_SLOTS).to(device)
-        _TABLES[key] = table
-    return table
-
-
-def _programs(device: torch.device, items: int) -> int:
-    """The persistent grid: one program per work item of the largest phase, at most two per SM (always
-    resident together); one program under the interpreter, which runs programs one after another."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(items, 2 * sms))
-
-
-def mamba1_decode_blocks_triton(layers: list[dict], x: torch.Tensor | None, residual: torch.Tensor | None,
-                                residual_dtype: torch.dtype, residual_sumsq: torch.Tensor | None = None,
-                                programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consecutive Mamba-1 blocks for one token per row in one persistent kernel: the result of calling
-    :func:`mamba1_decode_block_triton` block after block (bit for bit), each block's states updated in
-    place. ``layers``: per block, the tensors of ``_LAYER_KEYS`` and ``norm_eps``; x, residual [B, d_model]
-    the stream into the first block. Returns (residual_out [B, d_model], sumsq [NQ, B]) of the last
-    block. ``programs`` overrides the grid (tests)."""
-    reason = layers_unsupported(layers)
-    if reason is not None:
-        raise ValueError(f"mamba1_decode_blocks (triton): {reason}; run the blocks one by one")
-    f = layers[0]
-    conv_state, A, in_proj = f["conv_state"], f["A"], f["in_proj_weight"]
-    batch, d_inner, width = conv_state.shape[0], conv_state.shape[1], conv_state.shape[2] + 1
-    d_model, d_state, dt_rank = f["norm_weight"].shape[0], A.shape[1], f["dt_proj_weight"].shape[1]
-    reason = unsupported(d_model, d_inner, d_state, dt_rank, width, in_proj.dtype)
-    if reason is not None:
-        raise ValueError(f"mamba1_decode_blocks (triton): {reason}")
-    xproj = dt_rank + 2 * d_state
-    wdt = in_proj.dtype
-    dev = conv_state.device
-    cfg = tiles(batch, d_model, d_inner, d_state, dt_rank, in_proj.element_size())
-    x, residual = _rows(x), _rows(residual)
-    if x is None and residual is None:
-        raise ValueError("mamba1_decode_blocks: give x, residual, or both")
-    buf = torch.empty(2, batch, d_model, device=dev, dtype=residual_dtype)
-    ssq = torch.empty(cfg["NQ"], batch, device=dev, dtype=torch.float32)
-    mid = torch.empty(batch, d_model, device=dev, dtype=residual_dtype)
-    xc = torch.empty(batch, d_inner, device=dev, dtype=wdt)
-    z = torch.empty(batch, d_inner, device=dev, dtype=wdt)
-    y = torch.empty(batch, d_inner, device=dev, dtype=wdt)
-    part = torch.empty(cfg["NP"], batch, xproj, device=dev, dtype=torch.float32)
-    sync = torch.zeros(1, device=dev, dtype=torch.int32)
-    if not cfg["PART"]:
-        raise ValueError("mamba1_decode_blocks (triton): x_proj through partials is off for this shape "
-                         "(TILES['small']['part'] or the partials' size); run the blocks one by one")
-    n1, n2, n3 = 2 * cfg["NP"], cdiv(d_inner, cfg["BD"]), cfg["NQ"]
-    nprog = programs or _programs(dev, max(n1, n2, n3))
-    line = line_elems(in_proj)
-    ssq_in = residual_sumsq if x is None else None
-    nq_in = ssq_in.shape[0] if ssq_in is not None else 1
-    tab = _pointer_table(layers, dev)
-    T = _TL_DTYPES
-    cb, D = f["conv_bias"], f["D"]
-    _layers_kernel[(nprog,)](
-        tab, len(layers), x, residual, ssq_in, mid, buf, ssq, xc, z, part, y, sync, batch, float(f["norm_eps"]),
-        x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0,
-        ssq_in.stride(0) if ssq_in is not None else 0, buf.stride(0), buf.stride(1), ssq.stride(0),
-        *in_proj.stride(), *f["conv_weight"].stride(), *conv_state.stride(), *f["x_proj_weight"].stride(),
-        *f["dt_proj_weight"].stride(), *A.stride(), *f["ssm_state"].stride(), *f["out_proj_weight"].stride(),
-        xc.stride(0), z.stride(0), part.stride(0), part.stride(1), y.stride(0),
-        DM=d_model, DI=d_inner, J=xproj, R=dt_rank, N=d_state, W=width, NQ_IN=nq_in, NQ=cfg["NQ"], NP=cfg["NP"],
-        HAS_X0=x is not None, HAS_RES0=residual is not None, HAS_SSQ0=ssq_in is not None,
-        HAS_CB=cb is not None, HAS_D=D is not None, IEEE=wdt == torch.float32,
-        BB=cfg["BB1"], BC=cfg["BC"], BK1=cfg["BK1"], BJ=cfg["BJ"], BQ0=_clamp(4096 // cfg["BB1"], 1, _pow2(nq_in)),
-        BQ=_clamp(4096 // cfg["BB1"], 1, _pow2(cfg["NQ"])), BW=_pow2(width - 1), BD=cfg["BD"], BR=cfg["BR"],
-        BNS=cfg["BNS"], BP=cfg["BP"], BN=cfg["BN"], BK3=cfg["BK3"], LINE=line, LPD=lines_pow2(d_model, line),
-        LPI=lines_pow2(d_inner, line),
-        NW_T=T[f["norm_weight"].dtype], W_T=T[wdt], CB_T=T[cb.dtype] if cb is not None else T[wdt],
-        CS_T=T[conv_state.dtype], DTB_T=T[f["dt_bias"].dtype], A_T=T[A.dtype],
-        D_T=T[D.dtype] if D is not None else T[wdt], ST_T=T[f["ssm_state"].dtype],
-        NPROG=nprog, N1=n1, N2=n2, N3=n3, num_warps=cfg["warps1"],
-        launch_cooperative_grid=os.environ.get(COOPERATIVE_ENV, "1") != "0",
-    )
-    return buf[(len(layers) - 1) % 2], ssq

@@ -58,7 +58,6 @@ MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
 OP2 = "mamba2_decode_block"
 PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
-PERSISTENT_ENV = "SSM_SUITE_PERSISTENT_MAMBA1_DECODE"  # kernels.mamba_decode.PERSISTENT_ENV
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
 SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
 SMOKE_SHAPE2 = dict(d_model=32, nheads=4, headdim=16, d_state=16, ngroups=2, width=4)
@@ -292,35 +291,29 @@ def _step_path(backend: str):
 
 
 @contextlib.contextmanager
-def _env(name: str, on: bool):
-    """An on/off switch of the fused step held at "1" / "0" (restored after)."""
-    old = os.environ.get(name)
-    os.environ[name] = "1" if on else "0"
+def _pdl(on: bool):
+    """Programmatic dependent launch in the fused kernels on or off (kernels/pdl.py: SSM_SUITE_PDL)."""
+    old = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "1" if on else "0"
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(name, None)
+            os.environ.pop(PDL_ENV, None)
         else:
-            os.environ[name] = old
-
-
-def _pdl(on: bool):
-    """Programmatic dependent launch in the fused kernels on or off (kernels/pdl.py: SSM_SUITE_PDL)."""
-    return _env(PDL_ENV, on)
+            os.environ[PDL_ENV] = old
 
 
 class _Runner:
     """A CUDAGraphRunner whose step (captured, or run eagerly under --cpu-smoke) takes the fused block
     step or the op-by-op one; ``pdl`` False captures the fused kernels without PDL."""
 
-    def __init__(self, model, batch: int, length: int, fused: bool, pdl: bool = True,
-                 persistent: bool = True) -> None:
+    def __init__(self, model, batch: int, length: int, fused: bool, pdl: bool = True) -> None:
         from core.cuda_graph import CUDAGraphRunner
 
         self.backend = "triton" if fused else "reference"
-        self.pdl, self.persistent = pdl, persistent
-        with _step_path(self.backend), _pdl(pdl), _env(PERSISTENT_ENV, persistent):
+        self.pdl = pdl
+        with _step_path(self.backend), _pdl(pdl):
             self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
         self.batch_size = batch
 
@@ -328,12 +321,12 @@ class _Runner:
         return self.runner.begin(length)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        with _step_path(self.backend), _pdl(self.pdl), _env(PERSISTENT_ENV, self.persistent):
+        with _step_path(self.backend), _pdl(self.pdl):
             return self.runner.step(token)
 
 
-def _runner(model, batch: int, length: int, fused: bool, pdl: bool = True, persistent: bool = True) -> _Runner:
-    return _Runner(model, batch, length, fused, pdl, persistent)
+def _runner(model, batch: int, length: int, fused: bool, pdl: bool = True) -> _Runner:
+    return _Runner(model, batch, length, fused, pdl)
 
 
 def _prefill(model, runner, batch: int, seed: int = 3) -> torch.Tensor:
@@ -390,56 +383,8 @@ def _m2_model_checks() -> list[dict]:
     return _model_checks("mamba2")
 
 
-_LAYER_KEYS = ("conv_state", "ssm_state", "norm_weight", "norm_eps", "in_proj_weight", "conv_weight", "conv_bias",
-               "x_proj_weight", "dt_proj_weight", "dt_bias", "A", "D", "out_proj_weight")
-
-
-def _persistent_checks() -> list[dict]:
-    """The persistent kernel (a run of blocks, grid barriers between its phases) against the fused op
-    called block after block, which it must equal bit for bit: 24 blocks at mamba1-130m's shape (4 in
-    the smoke), every batch it takes and the three stream forms; then a re-run (bit-identical)."""
-    from kernels.mamba_decode import triton as fused
-
-    rows = []
-    n_layers = 4 if SMOKE else 24
-    for batch, dtype, stream in ((1, torch.bfloat16, "x"), (1, torch.float32, "x+res"), (3, torch.bfloat16, "res+ssq"),
-                                 (4, torch.bfloat16, "x+res")):
-        blocks = [block_args(batch, dtype, stream, seed=200 + i) for i in range(n_layers)]
-        layers = [{k: b[k] for k in _LAYER_KEYS} for b in blocks]
-        first = blocks[0]
-        stream_args = dict(x=first["x"], residual=first["residual"], residual_dtype=first["residual_dtype"],
-                           residual_sumsq=first.get("residual_sumsq"))
-        ref_layers = [_copy(layer) for layer in layers]
-        x, residual, sumsq = stream_args["x"], stream_args["residual"], stream_args["residual_sumsq"]
-        with forced_backend("triton", OP):
-            for layer in ref_layers:
-                residual, sumsq = mamba1_decode_block(x=x, residual=residual, residual_dtype=first["residual_dtype"],
-                                                      residual_sumsq=sumsq if x is None else None, **layer)
-                x = None
-        runs = []
-        for _ in range(2):
-            copies = [_copy(layer) for layer in layers]
-            out, ssq = fused.mamba1_decode_blocks_triton(copies, **stream_args)
-            torch.cuda.synchronize() if not SMOKE else None
-            runs.append((out.clone(), ssq.clone(), copies))
-        out, ssq, copies = runs[0]
-        diffs = [rel(out, residual), rel(ssq, sumsq)]
-        for got, want in zip(copies, ref_layers):
-            diffs += [rel(got["ssm_state"], want["ssm_state"]), rel(got["conv_state"], want["conv_state"])]
-        equal = torch.equal(out, residual) and torch.equal(ssq, sumsq) and all(
-            torch.equal(got[k], want[k]) for got, want in zip(copies, ref_layers) for k in ("ssm_state", "conv_state"))
-        rerun = torch.equal(runs[1][0], out) and torch.equal(runs[1][1], ssq)
-        shape = (batch, n_layers, *(_shape()[k] for k in ("d_model", "d_inner", "d_state")))
-        rows.append(check_row(f"persistent run = blocks one by one ({stream})", shape, dtype, max(diffs), None, 0.0,
-                              note=f"bit-identical {equal}; re-run bit-identical {rerun}; "
-                                   f"grid {fused._programs(torch.device(DEV), 192)} programs"))
-        rows[-1]["pass"] = rows[-1]["pass"] and equal and rerun
-    return rows
-
-
 def run_checks() -> list[dict]:
-    return (_block_checks() + _persistent_checks() + _large_check() + _model_checks() + _m2_block_checks()
-            + _m2_model_checks())
+    return _block_checks() + _large_check() + _model_checks() + _m2_block_checks() + _m2_model_checks()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,23 +439,17 @@ def _bench_rows(batches=(1, 64), family: str = "mamba1"):
     n_layers = len(model.backbone.layers)
     for batch in ((2,) if SMOKE else batches):
         times = {}
-        # (fused, PDL, persistent): the default, then one switch off at a time, then op by op
-        variants = [(True, True, True), (True, False, True), (True, True, False), (False, True, True)]
-        for fused, pdl, persistent in variants:
-            if family == "mamba2" and not persistent:
-                continue  # the persistent kernel is Mamba-1's
-            runner = _runner(model, batch, 64, fused, pdl, persistent)
+        for fused, pdl in ((True, True), (True, False), (False, True)):
+            runner = _runner(model, batch, 64, fused, pdl)
             _prefill(model, runner, batch)
-            times[fused, pdl, persistent] = _time_replays(runner)
+            times[fused, pdl] = _time_replays(runner)
             del runner
-        default, size = times[True, True, True], nbytes(*model.parameters())
-        for name, other in (("op-by-op", times[False, True, True]), ("without PDL", times[True, False, True]),
-                            ("blocks one by one", times.get((True, True, False)))):
-            if other is None:
-                continue
-            yield {"kernel": f"{family} decode step, {n_layers} blocks (default fused / {name})",
-                   "shape": f"batch {batch}", "ours_fwd_ms": default, "baseline_fwd_ms": other,
-                   "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": size}
+        yield {"kernel": f"{family} decode step, {n_layers} blocks (fused / op-by-op)", "shape": f"batch {batch}",
+               "ours_fwd_ms": times[True, True], "baseline_fwd_ms": times[False, True], "ours_fwdbwd_ms": None,
+               "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
+        yield {"kernel": f"{family} decode step, {n_layers} blocks (fused with PDL / without)",
+               "shape": f"batch {batch}", "ours_fwd_ms": times[True, True], "baseline_fwd_ms": times[True, False],
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
         make = block_args2 if family == "mamba2" else block_args
         args = make(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
         yield {"kernel": f"one {family} block step (fused / op-by-op)", "shape": f"batch {batch}",
@@ -646,8 +585,7 @@ def main() -> None:
     if not args.skip_checks:
         print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|", flush=True)
         failed = 0
-        mamba1 = () if MAMBA2_ONLY else (_block_checks, _persistent_checks,
-                                          *(() if args.skip_large else (_large_check,)), _model_checks)
+        mamba1 = () if MAMBA2_ONLY else (_block_checks, *(() if args.skip_large else (_large_check,)), _model_checks)
         for group in (*mamba1, _m2_block_checks, _m2_model_checks):
             try:
                 rows = group()

@@ -214,27 +214,3 @@ def test_mamba2_blocks_the_fused_step_cannot_take_run_op_by_op(monkeypatch):
         assert fused_mamba2_blocks(gated) == [False, False]
         assert fused_mamba2_blocks(double) == [False, False]
         assert decode_step_path(double) == "op by op (fused add+norm)"
-
-
-def test_runs_of_fused_blocks_are_one_persistent_call(monkeypatch):
-    """decode_step hands each run of consecutive fused Mamba-1 blocks to mamba1_decode_blocks, which runs
-    it as one persistent kernel (SS*S: one run of two, then a single block); SSM_SUITE_PERSISTENT_MAMBA1_DECODE=0
-    runs the blocks one by one, with the same logits."""
-    from kernels.mamba_decode import PERSISTENT_ENV
-    from kernels.mamba_decode import triton as fused
-
-    runs = []
-    real = fused.mamba1_decode_blocks_triton
-    monkeypatch.setattr(fused, "mamba1_decode_blocks_triton", lambda layers, *a, **k: runs.append(len(layers))
-                        or real(layers, *a, **k))
-    model = build(config("SS*S"))
-    with forced_backend("triton", OP):
-        assert "one persistent kernel" in decode_step_path(model, 2)
-        persistent, _ = teacher_forced(model, 2, 2, fused=True)
-    assert runs == [2] * len(persistent)
-    monkeypatch.setenv(PERSISTENT_ENV, "0")
-    runs.clear()
-    with forced_backend("triton", OP):
-        assert "persistent" not in decode_step_path(model, 2)
-        one_by_one, _ = teacher_forced(model, 2, 2, fused=True)
-    assert runs == [] and torch.equal(persistent, one_by_one)

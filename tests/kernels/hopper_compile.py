@@ -48,8 +48,7 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, target: Any) -> Any:
 
 
 def record_launches(pdl: bool) -> list:
-    """The Triton launches of one fused Mamba-1 block step, a run of two Mamba-1 blocks in the persistent
-    kernel and one fused Mamba-2 block step (batch 1, bfloat16)."""
+    """The Triton launches of one fused Mamba-1 and one fused Mamba-2 block step (batch 1, bfloat16)."""
     import torch
 
     from kernels import pdl as pdl_module
@@ -61,7 +60,6 @@ def record_launches(pdl: bool) -> list:
         module.pdl_enabled = lambda device: pdl  # the CPU tensors stand for a Hopper device's
         for name in ("_in_conv_kernel", "_scan_kernel", "_out_kernel"):
             setattr(module, name, _Recorder(getattr(module, name), calls))
-    m1._layers_kernel = _Recorder(m1._layers_kernel, calls)
     assert pdl_module.pdl_enabled(torch.device("cpu")) is False  # the real rule is untouched
 
     bf = dict(dtype=torch.bfloat16)
@@ -71,14 +69,6 @@ def record_launches(pdl: bool) -> list:
         torch.ones(dm, **bf), 1e-5, torch.zeros(2 * di, dm, **bf), torch.zeros(di, w, **bf), torch.zeros(di, **bf),
         torch.zeros(r + 2 * n, di, **bf), torch.zeros(di, r, **bf), torch.zeros(di, **bf), -torch.ones(di, n),
         torch.ones(di), torch.zeros(dm, di, **bf), torch.float32, None)
-    # Two blocks in the persistent kernel, on an H100's grid (two programs per SM, 132 SMs).
-    layer = lambda: dict(  # noqa: E731
-        conv_state=torch.zeros(1, di, w - 1, **bf), ssm_state=torch.zeros(1, di, n), norm_weight=torch.ones(dm, **bf),
-        norm_eps=1e-5, in_proj_weight=torch.zeros(2 * di, dm, **bf), conv_weight=torch.zeros(di, w, **bf),
-        conv_bias=torch.zeros(di, **bf), x_proj_weight=torch.zeros(r + 2 * n, di, **bf),
-        dt_proj_weight=torch.zeros(di, r, **bf), dt_bias=torch.zeros(di), A=-torch.ones(di, n), D=torch.ones(di),
-        out_proj_weight=torch.zeros(dm, di, **bf))
-    m1.mamba1_decode_blocks_triton([layer(), layer()], torch.zeros(1, dm, **bf), None, torch.float32, programs=264)
     heads, headdim, groups = 4, 32, 1
     conv_dim = di + 2 * groups * n
     m2.mamba2_decode_block_op(
@@ -116,9 +106,6 @@ def main() -> None:
             "ordered": last("prefetch.global.L2") < first("griddepcontrol.wait")
             < min(first("ld.global"), first("st.global")),
             "cubin_bytes": len(compiled.asm["cubin"]),
-            "cooperative": bool(kwargs.get("launch_cooperative_grid", False)),
-            "gpu_fences": ptx.count("fence.acq_rel.gpu"),
-            "atomics": ptx.count("atom."),
         }), flush=True)
 
 

@@ -4,7 +4,7 @@ The CPU interpreter cannot run ``griddepcontrol`` or ``prefetch.global.L2``, so 
 kernels, as the entry points launch them, for an H100 (sm_90) with the ptxas that the Triton wheel ships:
 the inline PTX must assemble, the PDL instructions must be there, and every L2 prefetch must precede the
 wait and the wait every global load and store (what makes PDL correct). For sm_80 (no PDL) none of it may
-appear. The persistent multi-block kernel compiles too, with its grid barriers. Whether PDL pays off is measured on the GPU (scripts/gpu_checks/mamba_decode.py)."""
+appear. Whether PDL pays off is measured on the GPU (scripts/gpu_checks/mamba_decode.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from kernels import pdl
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parent / "hopper_compile.py"
 KERNELS = {f"{m}.{k}" for m in ("triton", "triton_mamba2") for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel")}
-PERSISTENT = "triton._layers_kernel"  # a run of Mamba-1 blocks in one kernel
 
 
 def compile_kernels(arch: int, use_pdl: bool) -> dict[str, dict]:
@@ -36,12 +35,7 @@ def compile_kernels(arch: int, use_pdl: bool) -> dict[str, dict]:
 
 def test_hopper_kernels_wait_before_any_access_and_prefetch_their_weights():
     rows = compile_kernels(90, True)
-    assert set(rows) == KERNELS | {PERSISTENT}
-    # The persistent kernel: a cooperative launch without PDL; grid barriers (atomics, GPU-scope fences)
-    # with L2 prefetches before them.
-    persistent = rows.pop(PERSISTENT)
-    assert persistent["cooperative"] and not persistent["launch_pdl"] and not persistent["gdc_wait"]
-    assert persistent["atomics"] > 0 and persistent["gpu_fences"] > 0 and persistent["prefetches"] > 0
+    assert set(rows) == KERNELS
     for name, row in rows.items():
         assert row["launch_pdl"] and row["gdc_wait"] and row["gdc_launch_dependents"], name
         assert row["prefetches"] > 0, name
@@ -51,8 +45,7 @@ def test_hopper_kernels_wait_before_any_access_and_prefetch_their_weights():
 
 def test_without_pdl_the_kernels_have_none_of_it():
     rows = compile_kernels(80, False)
-    assert set(rows) == KERNELS | {PERSISTENT}
-    rows.pop(PERSISTENT)  # its prefetches are not PDL's: they precede its own grid barriers
+    assert set(rows) == KERNELS
     for name, row in rows.items():
         assert not (row["launch_pdl"] or row["gdc_wait"] or row["gdc_launch_dependents"] or row["prefetches"]), name
 
