@@ -232,6 +232,20 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
         + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
     log(f"[breakdown] {label}: prefill ops by host time\n"
         + prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=70))
+    # The decoding step's kernels (graph replays, no host work between them): how much of a step the GPU
+    # is busy, in how many kernels, and which ones take the time.
+    replays = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            runner.graph.replay()
+        synchronize(device)
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA") and e.count > 0]
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / replays
+    launches = sum(e.count for e in kernels) / replays
+    log(f"[breakdown] {label}: one replayed step {step_ms * 1e3:.1f} us: kernels busy {busy_us:.1f} us in "
+        f"{launches:.0f} kernels ({busy_us / max(launches, 1):.2f} us each); gaps {step_ms * 1e3 - busy_us:.1f} us\n"
+        + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
 def throughput_table(rows: list[dict]) -> str:
