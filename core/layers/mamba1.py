@@ -27,7 +27,8 @@ from core.cache import ConvSSMCache
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
-from kernels.mamba_decode import mamba1_decode_unsupported
+from kernels.mamba_decode import (mamba1_decode_unsupported, mamba1_scan_step, mamba1_scan_step_backend,
+                                  mamba1_scan_step_unsupported)
 from kernels.selective_scan import selective_scan, selective_scan_step
 
 
@@ -126,11 +127,17 @@ class Mamba1(nn.Module):
             # state. A pad still decays the state, which is zero before the first real token.
             xs = xs * keep
 
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_dbl = self.x_proj(xs)
+        A = ssm_A(self)
+        if step and self._fused_scan_step(xs, z, x_dbl, cache):
+            # dt_proj inside the scan kernel (kernels.mamba_decode.mamba1_scan_step): one kernel, not two.
+            y = mamba1_scan_step(cache.ssm_state, xs[:, 0], z[:, 0], x_dbl[:, 0], self.dt_proj.weight,
+                                 self.dt_proj.bias, A, self.D).unsqueeze(1)
+            return self.out_proj(y)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.config.inner_norms:
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.linear(dt, self.dt_proj.weight)  # [B, L, d_inner]; the bias goes in as the scan's delta_bias
-        A = ssm_A(self)
 
         if step:
             y = selective_scan_step(cache.ssm_state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D,
@@ -150,6 +157,15 @@ class Mamba1(nn.Module):
                 y = result
             y = y.transpose(1, 2)  # [B, L, d_inner]
         return self.out_proj(y)
+
+    def _fused_scan_step(self, xs: torch.Tensor, z: torch.Tensor, x_dbl: torch.Tensor, cache: ConvSSMCache) -> bool:
+        """Whether this one-token step runs dt_proj + scan as one kernel (:func:`kernels.mamba_decode.
+        mamba1_scan_step`, its triton backend: CUDA by default): not with Jamba's inner norms, which sit
+        between x_proj and dt_proj, and only for tensors its kernel takes."""
+        if self.config.inner_norms or mamba1_scan_step_backend(xs.device) != "triton":
+            return False
+        return mamba1_scan_step_unsupported(xs[:, 0], z[:, 0], x_dbl[:, 0], self.dt_proj.weight, cache.ssm_state,
+                                            self.d_state) is None
 
     # ----------------------------------------------------------------------------------------------
     # The fused decoding step (kernels.mamba_decode), which core.cuda_graph.decode_step runs for the

@@ -18,9 +18,10 @@ import importlib.util
 import torch
 
 from kernels.dispatch import choose_backend
-from kernels.mamba_decode.reference import mamba1_decode_block_reference, mamba2_decode_block_reference
+from kernels.mamba_decode.reference import (mamba1_decode_block_reference, mamba1_scan_step_reference,
+                                             mamba2_decode_block_reference)
 
-__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported",
+__all__ = ["mamba1_decode_block", "mamba1_scan_step", "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba1_decode_backend", "mamba1_decode_unsupported",
            "mamba2_decode_block", "mamba2_decode_backend", "mamba2_decode_unsupported"]
 
 OP = "mamba1_decode_block"
@@ -158,6 +159,69 @@ def mamba1_decode_block(
     return _BLOCK[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
                            conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
                            residual_sumsq)
+
+
+OP_SCAN = "mamba1_scan_step"
+
+
+def _mamba1_scan_step_triton(*args):
+    from kernels.mamba_decode.triton import mamba1_scan_step_triton
+    return mamba1_scan_step_triton(*args)
+
+
+_SCAN = {"reference": mamba1_scan_step_reference}
+if "triton" in _BLOCK:
+    _SCAN["triton"] = _mamba1_scan_step_triton
+
+
+def mamba1_scan_step_backend(device: torch.device | str) -> str:
+    """The backend :func:`mamba1_scan_step` runs on ``device`` (``triton`` on CUDA by default; forced by
+    ``SSM_SUITE_BACKEND_MAMBA1_SCAN_STEP`` or ``forced_backend``)."""
+    return choose_backend(OP_SCAN, tuple(_SCAN), torch.device(device))
+
+
+def mamba1_scan_step(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, x_dbl: torch.Tensor,
+                     dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+                     D: torch.Tensor | None) -> torch.Tensor:
+    """A Mamba-1 layer's decoding step from x_proj's output to the gated scan output: y = the selective
+    state update with dt = softplus(dt_proj(x_dbl[:, :dt_rank]) + dt_bias), B and C from x_dbl, D skip and
+    the z gate (``reference.mamba1_scan_step_reference``). x, z [B, d_inner] in the weights' dtype, x_dbl
+    [B, dt_rank + 2 d_state], ssm_state [B, d_inner, d_state] float32 (updated in place). Returns y
+    [B, d_inner]. The triton backend takes dt_proj inside the scan kernel: one kernel instead of two."""
+    if x.dim() != 2 or A.dim() != 2 or dt_proj_weight.dim() != 2:
+        raise ValueError(f"mamba1_scan_step: x [B, d_inner], A [d_inner, d_state], dt_proj_weight "
+                         f"[d_inner, dt_rank] expected; got {list(_shape(x))}, {list(_shape(A))}, "
+                         f"{list(_shape(dt_proj_weight))}")
+    batch, d_inner = x.shape
+    d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
+    for name, t, shape in (("z", z, (batch, d_inner)), ("x_dbl", x_dbl, (batch, dt_rank + 2 * d_state)),
+                           ("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank)), ("dt_bias", dt_bias, (d_inner,)),
+                           ("A", A, (d_inner, d_state)), ("D", D, (d_inner,)),
+                           ("ssm_state", ssm_state, (batch, d_inner, d_state))):
+        if t is not None and _shape(t) != shape:
+            raise ValueError(f"mamba1_scan_step: {name} must be {list(shape)}, got {list(_shape(t))}")
+    backend = mamba1_scan_step_backend(x.device)
+    if backend == "triton":
+        reason = mamba1_scan_step_unsupported(x, z, x_dbl, dt_proj_weight, ssm_state, d_state)
+        if reason is not None:
+            raise ValueError(f"mamba1_scan_step (triton): {reason}; use the reference backend "
+                             "(SSM_SUITE_BACKEND_MAMBA1_SCAN_STEP=reference)")
+    return _SCAN[backend](ssm_state, x, z, x_dbl, dt_proj_weight, dt_bias, A, D)
+
+
+def mamba1_scan_step_unsupported(x: torch.Tensor, z: torch.Tensor, x_dbl: torch.Tensor,
+                                 dt_proj_weight: torch.Tensor, ssm_state: torch.Tensor, d_state: int) -> str | None:
+    """Why the triton backend of :func:`mamba1_scan_step` cannot take these tensors; None when it can."""
+    if "triton" not in _SCAN:
+        return "triton is not installed"
+    dtypes = {x.dtype, z.dtype, x_dbl.dtype, dt_proj_weight.dtype}
+    if len(dtypes) != 1 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"x, z, x_dbl and dt_proj_weight must share one float16 / bfloat16 / float32 dtype, got {dtypes}"
+    if ssm_state.dtype != torch.float32:
+        return f"ssm_state must be float32, got {ssm_state.dtype}"
+    if d_state > 256:
+        return f"d_state {d_state} > 256 (the state tile lives in registers)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

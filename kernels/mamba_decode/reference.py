@@ -85,15 +85,31 @@ def mamba1_decode_block_reference(
     h = rms_norm(r, norm_weight, norm_eps).to(in_proj_weight.dtype)
     xs, z = F.linear(h, in_proj_weight).chunk(2, dim=-1)
     xs = causal_conv1d_step(xs, conv_state, conv_weight, conv_bias, "silu")
-    d_state = A.shape[1]
-    dt_rank = dt_proj_weight.shape[1]
-    dt, B, C = F.linear(xs, x_proj_weight).split([dt_rank, d_state, d_state], dim=-1)
-    dt = F.linear(dt, dt_proj_weight)
-    y = selective_scan_step(ssm_state, xs, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    y = mamba1_scan_step_reference(ssm_state, xs, z, F.linear(xs, x_proj_weight), dt_proj_weight, dt_bias, A, D)
     out = F.linear(y, out_proj_weight)
     residual_out = add_residual(out, r, residual_dtype)
     acc = _acc(residual_dtype)
     return residual_out, residual_out.to(acc).square().sum(-1)[None]
+
+
+def mamba1_scan_step_reference(
+    ssm_state: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+) -> torch.Tensor:
+    """The part of the block step between x_proj and out_proj (module docstring): dt_proj of x_dbl's dt
+    columns, then the selective state update with softplus(dt + dt_bias) and the z gate. x, z [B, d_inner]
+    (the conv output and the gate), x_dbl [B, dt_rank + 2 d_state] (x_proj's output); ssm_state updated in
+    place. Returns y [B, d_inner] in x's dtype."""
+    d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
+    dt, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=-1)
+    dt = F.linear(dt, dt_proj_weight)
+    return selective_scan_step(ssm_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
 
 
 def mamba2_decode_block_reference(

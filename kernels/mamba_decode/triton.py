@@ -574,3 +574,50 @@ def mamba1_decode_block_triton(
         conv_state, ssm_state, _rows(x), _rows(residual), norm_weight, float(norm_eps), in_proj_weight,
         conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_bias, A, D, out_proj_weight, residual_dtype,
         residual_sumsq if x is None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# dt_proj + scan step alone (the op-by-op step at large batch)
+
+
+@torch.library.custom_op("ssm_suite::mamba1_scan_step", mutates_args=("ssm_state",))
+def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, x_dbl: torch.Tensor,
+                        dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+                        D: torch.Tensor | None) -> torch.Tensor:
+    """``reference.mamba1_scan_step_reference`` as kernel 2 of the fused block (``_scan_kernel``) on
+    x_proj's output: dt_proj is a product inside the scan instead of a separate matmul, rounded where
+    F.linear rounds it. At batch 64 a 130M model's dt_proj matmul is a ~4.5 us kernel in every layer
+    (docs/kernels/mamba_decode.md). ssm_state float32, updated in place; returns y [B, d_inner]."""
+    batch, d_inner = x.shape
+    d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
+    wdt = dt_proj_weight.dtype
+    if ssm_state.dtype != torch.float32:
+        raise ValueError(f"mamba1_scan_step (triton): ssm_state must be float32, got {ssm_state.dtype}")
+    if batch > MAX_ROWS:
+        raise ValueError(f"mamba1_scan_step (triton): batch {batch} exceeds {MAX_ROWS}; split the batch")
+    cfg = tiles(batch, 1, d_inner, d_state, dt_rank, dt_proj_weight.element_size())
+    x, z, x_dbl = _rows(x), _rows(z), _rows(x_dbl)
+    y = torch.empty(batch, d_inner, device=x.device, dtype=wdt)
+    if batch == 0:
+        return y
+    bp = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], cfg["BNS"])), 1, 1)
+    _scan_kernel[(cdiv(d_inner, cfg["BD"]), cdiv(batch, cfg["BB2"]))](
+        x_dbl, dt_proj_weight, dt_bias, A, D, x, z, ssm_state, y, batch,
+        0, x_dbl.stride(0), x_dbl.stride(1), *dt_proj_weight.stride(), *A.stride(), x.stride(0), z.stride(0),
+        *ssm_state.stride(), y.stride(0),
+        DI=d_inner, R=dt_rank, N=d_state, NP=1, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=wdt == torch.float32,
+        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=bp, PDL=False, num_warps=cfg["warps2"],
+    )
+    return y
+
+
+@mamba1_scan_step_op.register_fake
+def _(ssm_state, x, z, x_dbl, dt_proj_weight, dt_bias, A, D):
+    return x.new_empty(x.shape, dtype=dt_proj_weight.dtype)
+
+
+def mamba1_scan_step_triton(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, x_dbl: torch.Tensor,
+                            dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+                            D: torch.Tensor | None) -> torch.Tensor:
+    """The triton backend of ``mamba1_scan_step`` (the custom op ``ssm_suite::mamba1_scan_step``)."""
+    return mamba1_scan_step_op(ssm_state, _rows(x), _rows(z), _rows(x_dbl), dt_proj_weight, dt_bias, A, D)

@@ -57,6 +57,7 @@ SMOKE = False
 MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
 OP2 = "mamba2_decode_block"
+OP_SCAN = "mamba1_scan_step"  # dt_proj + scan in one kernel: the op-by-op step's tail at batch > 4
 PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
 SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
@@ -280,7 +281,7 @@ def _step_path(backend: str):
     cuda_graph.FUSED_MAMBA1_MAX_BATCH = cuda_graph.FUSED_MAMBA2_MAX_BATCH = None
     os.environ[FUSED_MAMBA2_ENV] = "1" if backend == "triton" else "0"
     try:
-        with forced_backend(backend, OP), forced_backend(backend, OP2):
+        with forced_backend(backend, OP), forced_backend(backend, OP2), forced_backend(backend, OP_SCAN):
             yield
     finally:
         cuda_graph.FUSED_MAMBA1_MAX_BATCH, cuda_graph.FUSED_MAMBA2_MAX_BATCH = limits
@@ -377,6 +378,54 @@ def _model_checks(family: str = "mamba1") -> list[dict]:
                               float(untied), None, 0.0))
         del fused, plain
     return rows
+
+
+class _ScanRunner:
+    """A CUDAGraphRunner with decode_step's own choices (fused blocks up to 4 rows, op by op above), its
+    mamba1_scan_step on ``backend``."""
+
+    def __init__(self, model, batch: int, length: int, backend: str) -> None:
+        from core.cuda_graph import CUDAGraphRunner
+
+        self.backend, self.batch_size = backend, batch
+        with forced_backend(backend, OP_SCAN):
+            self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
+
+    def begin(self, length: int):
+        return self.runner.begin(length)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        with forced_backend(self.backend, OP_SCAN):
+            return self.runner.step(token)
+
+
+def _scan_step_rows(batches=(16, 64)):
+    """mamba1-130m at batches past the fused block step: the op-by-op step with dt_proj inside the scan
+    kernel (the default) against dt_proj as its own matmul: teacher-forced logits, then the step time."""
+    model = build_model()
+    rows, times = [], []
+    steps = 8 if SMOKE else 32
+    for batch in ((6,) if SMOKE else batches):
+        new, old = _ScanRunner(model, batch, 16 + steps + 2, "triton"), _ScanRunner(model, batch, 16 + steps + 2,
+                                                                                     "reference")
+        logits = _prefill(model, old, batch)
+        _prefill(model, new, batch)
+        errs, untied = [], 0
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            a, logits = new.step(token).clone(), old.step(token).clone()
+            errs.append(rel(a, logits))
+            top2 = logits.topk(2, dim=-1).values
+            untied += int(((a.argmax(-1) != logits.argmax(-1)) & ((top2[:, 0] - top2[:, 1]) >= TIE)).sum())
+        rows.append(check_row(f"mamba1-130m {steps} steps, dt_proj in the scan vs its own matmul", (batch,),
+                              next(model.parameters()).dtype, max(errs), None, 2e-2,
+                              note=f"greedy tokens differing away from near-ties: {untied}"))
+        rows[-1]["pass"] = rows[-1]["pass"] and untied == 0
+        times.append({"kernel": "mamba1 decode step, 24 blocks (dt_proj in the scan / its own matmul)",
+                      "shape": f"batch {batch}", "ours_fwd_ms": _time_replays(new), "baseline_fwd_ms": _time_replays(old),
+                      "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())})
+        del new, old
+    return rows, times
 
 
 def _m2_model_checks() -> list[dict]:
@@ -568,6 +617,8 @@ def main() -> None:
                         help="after the checks: scripts/bench_generate.py --only throughput --presets mamba1-130m")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
     parser.add_argument("--mamba2-only", action="store_true", help="only the fused Mamba-2 step's checks and bench")
+    parser.add_argument("--scan-step", action="store_true",
+                        help="only the batch-16/64 step with dt_proj inside the scan kernel (check + time)")
     args = parser.parse_args()
     MAMBA2_ONLY = args.mamba2_only
     start = time.time()
@@ -576,6 +627,17 @@ def main() -> None:
         DEV, SMOKE = "cpu", True
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter)'}", flush=True)
+    if args.scan_step:
+        rows, times = _scan_step_rows()
+        print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['name']} | {row['shape']} | {row['dtype']} | {_fmt(row['err_fwd'])} | "
+                  f"{'PASS' if row['pass'] else 'FAIL'} | {row['note']} |")
+        print("\n| what | shape | ours ms | before ms | before / ours |\n|---|---|---|---|---|")
+        for row in times:
+            ours, base = row["ours_fwd_ms"], row["baseline_fwd_ms"]
+            print(f"| {row['kernel']} | {row['shape']} | {_fmt(ours)} | {_fmt(base)} | {base / ours:.2f}x |")
+        return
     if not SMOKE:
         try:
             print(f"precompiled in {precompile(not args.skip_checks, args.sweep and not args.skip_bench):.1f} s",

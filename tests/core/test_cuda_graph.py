@@ -214,3 +214,27 @@ def test_mamba2_blocks_the_fused_step_cannot_take_run_op_by_op(monkeypatch):
         assert fused_mamba2_blocks(gated) == [False, False]
         assert fused_mamba2_blocks(double) == [False, False]
         assert decode_step_path(double) == "op by op (fused add+norm)"
+
+
+def test_large_batch_step_runs_dt_proj_inside_the_scan_kernel(monkeypatch):
+    """Past FUSED_MAMBA1_MAX_BATCH, Mamba1's own step takes mamba1_scan_step (dt_proj inside the scan
+    kernel) where its triton backend is chosen; the logits equal the op-by-op step's."""
+    import kernels.mamba_decode.triton as fused
+
+    calls = []
+    real = fused.mamba1_scan_step_op
+    monkeypatch.setattr(fused, "mamba1_scan_step_op", lambda *a: calls.append(1) or real(*a))
+    model = build(config("S*S-"))
+    batch = cuda_graph.FUSED_MAMBA1_MAX_BATCH + 1
+    torch.manual_seed(1)
+    ids = torch.randint(0, 61, (batch, 5), device=DEVICE)
+    tokens = torch.randint(0, 61, (3, batch), device=DEVICE)
+    logits = {}
+    for backend in ("triton", "reference"):
+        cache = model.allocate_cache(batch, 8)
+        with torch.no_grad():
+            model(ids, cache=cache)
+        with forced_backend(backend, "mamba1_scan_step"):
+            logits[backend] = torch.stack([decode_step(model, t, cache) for t in tokens])
+    assert len(calls) == 3 * 2  # two Mamba-1 layers, three steps, triton only
+    assert rel(logits["triton"], logits["reference"]) < 1e-5

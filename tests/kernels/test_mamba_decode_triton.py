@@ -220,3 +220,55 @@ def test_reference_is_the_op_by_op_block():
     assert rel(got, expected) < 1e-14
     assert rel(sumsq[0], expected.square().sum(-1)) < 1e-14
     assert torch.allclose(states[0], cache.conv_state) and torch.allclose(states[1], cache.ssm_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# dt_proj + scan in one kernel (mamba1_scan_step), the op-by-op step's tail at large batch
+
+
+def scan_step_args(batch, d_inner=80, d_state=5, dt_rank=3, dtype=torch.float32, use_D=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    args = dict(ssm_state=rnd(batch, d_inner, d_state).float(), x=rnd(batch, d_inner).to(dtype),
+                z=rnd(batch, d_inner).to(dtype), x_dbl=rnd(batch, dt_rank + 2 * d_state).to(dtype),
+                dt_proj_weight=(rnd(d_inner, dt_rank) / dt_rank**0.5).to(dtype), dt_bias=(0.5 * rnd(d_inner) - 2).float(),
+                A=-torch.exp(0.5 * rnd(d_inner, d_state)).float(), D=rnd(d_inner).float() if use_D else None)
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def run_scan_step(backend, args):
+    from kernels.mamba_decode import mamba1_scan_step
+
+    args = copy(args)
+    with forced_backend(backend, "mamba1_scan_step"):
+        y = mamba1_scan_step(**args)
+    return y, args["ssm_state"]
+
+
+@pytest.mark.parametrize("batch,use_D", [(1, True), (3, False), (17, True), (40, True)])  # GEMV (1, 3); tl.dot
+def test_scan_step_matches_reference(batch, use_D):
+    args = scan_step_args(batch, use_D=use_D, seed=batch)
+    y, state = run_scan_step("triton", args)
+    y_ref, state_ref = run_scan_step("reference", args)
+    assert y.shape == (batch, 80) and y.dtype == torch.float32
+    assert rel(y, y_ref) < 2e-5 and rel(state, state_ref) < 2e-5
+    assert rel(state, args["ssm_state"]) > 1e-2  # the state moved
+
+
+@pytest.mark.parametrize("batch", [2, 17])
+def test_scan_step_bfloat16_rounds_like_the_op_by_op_step(batch):
+    args = scan_step_args(batch, d_inner=64, d_state=16, dt_rank=4, dtype=torch.bfloat16, seed=7)
+    y, state = run_scan_step("triton", args)
+    y_ref, state_ref = run_scan_step("reference", args)
+    assert y.dtype == torch.bfloat16
+    assert rel(y, y_ref) < 1e-2 and rel(state, state_ref) < 1e-3
+
+
+def test_scan_step_rejects_what_its_kernel_cannot_take():
+    from kernels.mamba_decode import mamba1_scan_step
+
+    args = scan_step_args(2)
+    with forced_backend("triton", "mamba1_scan_step"), pytest.raises(ValueError, match="float32"):
+        mamba1_scan_step(**{**args, "ssm_state": args["ssm_state"].double()})
+    with pytest.raises(ValueError, match="x_dbl must be"):
+        mamba1_scan_step(**{**args, "x_dbl": args["x_dbl"][:, :-1]})
