@@ -14,7 +14,7 @@
 #   digits-{mamba,s4d}: the same two models on the spoken digits, one-second clips, batch 16; test NLL
 #     at 2000 and 16000 samples, then GEN unconditional one-second samples each (after every training
 #     has ended: decoding is latency-bound and would crawl beside the trainings).
-# CONTEXTS="16000 256000" picks the music contexts, DIGITS=0 leaves the digits jobs out (fewer jobs
+# CONTEXTS="16000 256000" picks the music contexts, MUSIC=0 leaves the music jobs out, DIGITS=0 the digits jobs (fewer jobs
 # sharing the GPU: more steps each), MIN_STEPS=N keeps a group's step count from being projected below N
 # (the projection is made while every member shares the GPU, so it undercounts once the fast ones end;
 # the deadline still stops a run).
@@ -82,6 +82,7 @@ job() {  # job NAME FAMILY GROUP GROUP_SIZE [job options] -- overrides
 }
 
 pids=()
+[ "${MUSIC:-1}" = 1 ] || CONTEXTS=()
 for family in mamba s4d; do
   width=(); [ $family = s4d ] && width=("${S4D_WIDTH[@]}")
   for ctx in "${CONTEXTS[@]}"; do
