@@ -37,10 +37,14 @@ whole and rewritten after a barrier: a small tile is replicated over a program's
 replica must not overwrite an entry that another has yet to read (the interpreter cannot show this race;
 the first H100 run did).
 
+On sm_90+ the GEMV-tile kernels are launched with programmatic dependent launch: each prefetches its
+weights into L2 and then waits for its predecessor (``kernels/pdl.py``).
+
 Measured on an H100 (docs/kernels/mamba_decode.md): a mamba1-130m block step at batch 1 takes 12.8 us
-against 27.8 us op by op, the whole decoding step 0.47 ms against 0.59 ms; at batch 64 the tl.dot
-tiles lose to the op-by-op step's cuBLAS matmuls (1.11 vs 0.75 ms a step), so ``core.cuda_graph`` runs
-this step only for small batches (``FUSED_MAMBA1_MAX_BATCH``).
+against 27.8 us op by op, the whole decoding step 0.45 ms (with PDL) against 0.59 ms; at batch 64 the
+tl.dot tiles lose to the op-by-op step's cuBLAS matmuls (1.11 vs 0.75 ms a step), so ``core.cuda_graph``
+runs this step only for small batches (``FUSED_MAMBA1_MAX_BATCH``). Kernel 2 also runs alone on x_proj's
+output (``mamba1_scan_step_op``): dt_proj inside the scan, for the op-by-op step at larger batches.
 """
 
 from __future__ import annotations
@@ -595,18 +599,16 @@ def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tenso
         raise ValueError(f"mamba1_scan_step (triton): ssm_state must be float32, got {ssm_state.dtype}")
     if batch > MAX_ROWS:
         raise ValueError(f"mamba1_scan_step (triton): batch {batch} exceeds {MAX_ROWS}; split the batch")
-    cfg = tiles(batch, 1, d_inner, d_state, dt_rank, dt_proj_weight.element_size())
-    x, z, x_dbl = _rows(x), _rows(z), _rows(x_dbl)
+    cfg = tiles(batch, 1, d_inner, d_state, dt_rank, dt_proj_weight.element_size())  # kernel 2's tiles
     y = torch.empty(batch, d_inner, device=x.device, dtype=wdt)
     if batch == 0:
         return y
-    bp = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], cfg["BNS"])), 1, 1)
     _scan_kernel[(cdiv(d_inner, cfg["BD"]), cdiv(batch, cfg["BB2"]))](
         x_dbl, dt_proj_weight, dt_bias, A, D, x, z, ssm_state, y, batch,
         0, x_dbl.stride(0), x_dbl.stride(1), *dt_proj_weight.stride(), *A.stride(), x.stride(0), z.stride(0),
         *ssm_state.stride(), y.stride(0),
         DI=d_inner, R=dt_rank, N=d_state, NP=1, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=wdt == torch.float32,
-        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=bp, PDL=False, num_warps=cfg["warps2"],
+        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=1, PDL=False, num_warps=cfg["warps2"],
     )
     return y
 

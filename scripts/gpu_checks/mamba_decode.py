@@ -23,6 +23,11 @@ LM head) fused vs op by op, at batch 1 and 64, and one block step alone (graph o
 it must move (weights + states) and GB/s. ``--sweep`` also times the tile settings in ``SWEEP`` (each
 checked against the default tiles first).
 
+The benchmark also times each fused step with programmatic dependent launch off (``SSM_SUITE_PDL=0``).
+``--scan-step`` runs only the batch-16 / 64 op-by-op step with dt_proj inside the scan kernel
+(``kernels.mamba_decode.mamba1_scan_step``) against dt_proj as its own matmul: teacher-forced logits
+and step times.
+
 Run on the GPU machine:  PYTHONPATH=. python3 scripts/gpu_checks/mamba_decode.py [--sweep] [--generate]
 (``--generate`` then runs ``scripts/bench_generate.py --only throughput --presets mamba1-130m``, mamba_ssm
 beside it where importable). On a CPU, through the Triton interpreter at tiny shapes (same code paths):
