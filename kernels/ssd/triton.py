@@ -450,9 +450,11 @@ def _bwd_chunk_bc(
 def _step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     H, G, P, N, dt_min, dt_max,
+    stride_xb, stride_dtb, stride_bb, stride_cb, stride_zb, stride_yb,
     HAS_D: tl.constexpr, D_PER_DIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):
+    # x, dt, B, C, z, y: any stride between batch rows (views into in_proj's output), dense within a row.
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -461,13 +463,13 @@ def _step_kernel(
     n = tl.arange(0, BN)
     pmask = p < P
     nmask = n < N
-    raw = tl.load(dt_ptr + bh).to(tl.float32)
+    raw = tl.load(dt_ptr + b * stride_dtb + h).to(tl.float32)
     bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
     dtv, _ = _discretize(raw, bias, SOFTPLUS, dt_min, dt_max)
     decay = tl.exp(dtv * tl.load(A_ptr + h).to(tl.float32))
-    xs = tl.load(x_ptr + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
-    Bs = tl.load(B_ptr + (b * G + g) * N + n, mask=nmask, other=0.0).to(tl.float32)
-    Cs = tl.load(C_ptr + (b * G + g) * N + n, mask=nmask, other=0.0).to(tl.float32)
+    xs = tl.load(x_ptr + b * stride_xb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+    Bs = tl.load(B_ptr + b * stride_bb + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+    Cs = tl.load(C_ptr + b * stride_cb + g * N + n, mask=nmask, other=0.0).to(tl.float32)
     soff = bh * P * N + p[:, None] * N + n[None, :]
     smask = pmask[:, None] & nmask[None, :]
     state = tl.load(state_ptr + soff, mask=smask, other=0.0).to(tl.float32)
@@ -480,9 +482,9 @@ def _step_kernel(
         else:
             y += xs * tl.load(D_ptr + h).to(tl.float32)
     if HAS_Z:
-        zs = tl.load(z_ptr + bh * P + p, mask=pmask, other=0.0).to(tl.float32)
+        zs = tl.load(z_ptr + b * stride_zb + h * P + p, mask=pmask, other=0.0).to(tl.float32)
         y = y * zs * tl.sigmoid(zs)
-    tl.store(y_ptr + bh * P + p, y.to(y_ptr.dtype.element_ty), mask=pmask)
+    tl.store(y_ptr + b * stride_yb + h * P + p, y.to(y_ptr.dtype.element_ty), mask=pmask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -680,15 +682,17 @@ def ssd_step_op(
     C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dt_bias: torch.Tensor | None,
     dt_softplus: bool, dt_min: float, dt_max: float,
 ) -> torch.Tensor:
-    """One token, state [B, H, P, N] updated in place (contiguous inputs); returns y [B, H, P]."""
+    """One token, state [B, H, P, N] updated in place (contiguous); x, dt, B, C, z dense within a batch row,
+    any stride between rows; returns y [B, H, P] (contiguous)."""
     batch, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    y = torch.empty_like(x)
+    y = x.new_empty(batch, H, P)
     BP, BN = _blocks(P, N)
     BP = min(BP, max(16, 4096 // BN))  # keep the state tile near 4K elements a program
     _step_kernel[(batch * H, cdiv(P, BP))](
         state, x, dt, A, B, C, _dummy(D, A), _dummy(z, x), _dummy(dt_bias, A), y,
         H, G, P, N, dt_min, dt_max,
+        x.stride(0), dt.stride(0), B.stride(0), C.stride(0), z.stride(0) if z is not None else 0, y.stride(0),
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, BP=BP, BN=BN, num_warps=4)
     return y
@@ -696,7 +700,7 @@ def ssd_step_op(
 
 @ssd_step_op.register_fake
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -842,5 +846,17 @@ def ssd_step_triton(
         raise ValueError("ssd_step (triton): state must be contiguous (it is updated in place); pass "
                          "state.contiguous() and keep that tensor as the cache")
     c = (lambda t: None if t is None else t.contiguous())
-    return ssd_step_op(state, c(x), c(dt), c(A), c(B), c(C), c(D), c(z), c(dt_bias), dt_softplus,
+    # The per-token tensors may stay views into in_proj's output (a copy kernel each saved per layer):
+    # the kernel takes any stride between batch rows, as long as each row is dense.
+    r = (lambda t: None if t is None else t if _dense_rows(t) else t.contiguous())
+    return ssd_step_op(state, r(x), r(dt), c(A), r(B), r(C), c(D), r(z), c(dt_bias), dt_softplus,
                        float(dt_limit[0]), float(dt_limit[1]))
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Whether every row t[b] is a dense row-major block (the batch stride is free)."""
+    expected, step = [], 1
+    for size in reversed(t.shape[1:]):
+        expected.append(step)
+        step *= size
+    return all(st == e or size == 1 for st, e, size in zip(reversed(t.stride()[1:]), expected, reversed(t.shape[1:])))

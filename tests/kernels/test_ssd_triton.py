@@ -325,3 +325,33 @@ def test_fused_stays_in_bounds(fused, monkeypatch, case):
     with bounds_checked() as checker, poisoned_empty():
         compare(inputs, tol, tol, chunk_size=256, **kwargs)  # runs as 64-token chunks
     assert checker.launches == ["_chunk_cb", "_fwd_state", "_fwd_out", "_bwd_state", "_bwd_dx", "_bwd_dbc"]
+
+
+def test_step_takes_row_strided_views_without_copies(step_module):
+    """x, dt, B, C, z as views into one [B, total] buffer (as in_proj's split output): the same result,
+    bit for bit, as contiguous copies; a tensor whose rows are not dense (here transposed) is copied."""
+    from kernels.ssd import triton as ssd_triton
+
+    batch, H, P, G, N = 3, 4, 8, 2, 16
+    buf = torch.randn(batch, 2 * H * P + 2 * G * N + H + 5).to(DEVICE)  # 5 columns of padding per row
+    x = buf[:, : H * P].view(batch, H, P)
+    z = buf[:, H * P: 2 * H * P].view(batch, H, P)
+    B = buf[:, 2 * H * P: 2 * H * P + G * N].view(batch, G, N)
+    C = buf[:, 2 * H * P + G * N: 2 * H * P + 2 * G * N].view(batch, G, N)
+    dt = buf[:, 2 * H * P + 2 * G * N: 2 * H * P + 2 * G * N + H]
+    assert not x.is_contiguous() and ssd_triton._dense_rows(x) and ssd_triton._dense_rows(dt)
+    assert not ssd_triton._dense_rows(torch.randn(batch, P, H).transpose(1, 2))
+    A, D, dt_bias = -torch.rand(H).to(DEVICE) - 0.2, torch.randn(H).to(DEVICE), torch.randn(H).to(DEVICE) * 0.5
+    state = torch.randn(batch, H, P, N).to(DEVICE)
+    outs = []
+    for views in (True, False):
+        s = state.clone()
+        args = (x, dt, A, B, C) if views else tuple(t.contiguous() for t in (x, dt, A, B, C))
+        with forced_backend("triton", "ssd_step"):
+            y = ssd_step(s, *args, D=D, z=z if views else z.contiguous(), dt_bias=dt_bias, dt_softplus=True)
+        outs.append((y, s))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0].is_contiguous()
+    y_ref = ssd_step_reference(state.double().cpu(), *[t.cpu().double() for t in (x, dt, A, B, C, D, z, dt_bias)],
+                               dt_softplus=True)
+    assert rel(outs[0][0], y_ref) < 1e-5
