@@ -215,12 +215,11 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
     step_ms = 1e3 * timed(lambda: [runner.step(token) for _ in range(steps)], device) / steps
     whole_ms = 1e3 * timed(lambda: generate(model, ids, cuda_graph=decoder, **kwargs), device)
     captured = prompt_len in runner.prefills and runner.prefills[prompt_len][2] is not None
-    used_ms = graph_prefill_ms
-    log(f"[breakdown] {label}: whole call {whole_ms:.2f} ms; prefill of {prompt_len} tokens {used_ms:.2f} ms "
+    log(f"[breakdown] {label}: whole call {whole_ms:.2f} ms; prefill of {prompt_len} tokens {graph_prefill_ms:.2f} ms "
         f"({'replayed graph' if captured else 'eager, not captured'}; eager {prefill_ms:.2f} ms); "
         f"one replayed step {step_ms:.3f} ms x {kwargs['max_new_tokens']} = "
         f"{step_ms * kwargs['max_new_tokens']:.1f} ms; rest (host, sampling) "
-        f"{whole_ms - used_ms - step_ms * kwargs['max_new_tokens']:.1f} ms")
+        f"{whole_ms - graph_prefill_ms - step_ms * kwargs['max_new_tokens']:.1f} ms")
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
@@ -233,7 +232,9 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
     log(f"[breakdown] {label}: prefill ops by host time\n"
         + prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=70))
     # The decoding step's kernels (graph replays, no host work between them): how much of a step the GPU
-    # is busy, in how many kernels, and which ones take the time.
+    # is busy, in how many kernels, and which ones take the time. A kernel launched with programmatic
+    # dependent launch (kernels/pdl.py) starts early and its time includes its wait for the previous one,
+    # so with the fused block steps "busy" exceeds the step and the gaps come out negative.
     replays = 20
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):

@@ -13,7 +13,9 @@ the op has no autograd. ``core.cuda_graph.decode_step`` uses it for the blocks i
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -21,22 +23,28 @@ from kernels.dispatch import choose_backend
 from kernels.mamba_decode.reference import (mamba1_decode_block_reference, mamba1_scan_step_reference,
                                              mamba2_decode_block_reference)
 
-__all__ = ["mamba1_decode_block", "mamba1_scan_step", "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba1_decode_backend", "mamba1_decode_unsupported",
-           "mamba2_decode_block", "mamba2_decode_backend", "mamba2_decode_unsupported"]
+__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
+           "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
+           "mamba2_decode_unsupported"]
 
 OP = "mamba1_decode_block"
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None  # without it, the reference backends only
 
 
-def _mamba1_decode_block_triton(*args):
-    # Imported on first use: triton.jit decides between compiling and interpreting (TRITON_INTERPRET=1)
-    # when the kernels are defined, so a test session may turn the interpreter on after this import.
-    from kernels.mamba_decode.triton import mamba1_decode_block_triton
-    return mamba1_decode_block_triton(*args)
+def _backends(reference: Callable, module: str, name: str) -> dict[str, Callable]:
+    """An op's backends: ``reference``, and ``triton`` (``module.name``) where triton is installed. The
+    Triton module is imported on first use: triton.jit decides between compiling and interpreting
+    (TRITON_INTERPRET=1) when the kernels are defined, so a test session may turn the interpreter on after
+    this import."""
+    backends = {"reference": reference}
+    if _HAVE_TRITON:
+        def run_triton(*args):
+            return getattr(importlib.import_module(module), name)(*args)
+        backends["triton"] = run_triton
+    return backends
 
 
-_BLOCK = {"reference": mamba1_decode_block_reference}
-if importlib.util.find_spec("triton") is not None:  # machines without triton keep the reference backend
-    _BLOCK["triton"] = _mamba1_decode_block_triton
+_BLOCK = _backends(mamba1_decode_block_reference, "kernels.mamba_decode.triton", "mamba1_decode_block_triton")
 
 
 def mamba1_decode_backend(device: torch.device | str) -> str:
@@ -162,16 +170,7 @@ def mamba1_decode_block(
 
 
 OP_SCAN = "mamba1_scan_step"
-
-
-def _mamba1_scan_step_triton(*args):
-    from kernels.mamba_decode.triton import mamba1_scan_step_triton
-    return mamba1_scan_step_triton(*args)
-
-
-_SCAN = {"reference": mamba1_scan_step_reference}
-if "triton" in _BLOCK:
-    _SCAN["triton"] = _mamba1_scan_step_triton
+_SCAN = _backends(mamba1_scan_step_reference, "kernels.mamba_decode.triton", "mamba1_scan_step_triton")
 
 
 def mamba1_scan_step_backend(device: torch.device | str) -> str:
@@ -228,16 +227,7 @@ def mamba1_scan_step_unsupported(x: torch.Tensor, z: torch.Tensor, x_dbl: torch.
 # Mamba-2
 
 OP2 = "mamba2_decode_block"
-
-
-def _mamba2_decode_block_triton(*args):
-    from kernels.mamba_decode.triton_mamba2 import mamba2_decode_block_triton
-    return mamba2_decode_block_triton(*args)
-
-
-_BLOCK2 = {"reference": mamba2_decode_block_reference}
-if "triton" in _BLOCK:
-    _BLOCK2["triton"] = _mamba2_decode_block_triton
+_BLOCK2 = _backends(mamba2_decode_block_reference, "kernels.mamba_decode.triton_mamba2", "mamba2_decode_block_triton")
 
 
 def mamba2_decode_backend(device: torch.device | str) -> str:

@@ -43,6 +43,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -311,28 +312,32 @@ def _pdl(on: bool):
 
 
 class _Runner:
-    """A CUDAGraphRunner whose step (captured, or run eagerly under --cpu-smoke) takes the fused block
-    step or the op-by-op one; ``pdl`` False captures the fused kernels without PDL."""
+    """A CUDAGraphRunner captured (or, under --cpu-smoke, run eagerly) and stepped inside ``setting()``, a
+    context manager that picks the step's path."""
 
-    def __init__(self, model, batch: int, length: int, fused: bool, pdl: bool = True) -> None:
+    def __init__(self, model, batch: int, length: int, setting: Callable[[], contextlib.AbstractContextManager]):
         from core.cuda_graph import CUDAGraphRunner
 
-        self.backend = "triton" if fused else "reference"
-        self.pdl = pdl
-        with _step_path(self.backend), _pdl(pdl):
+        self.setting, self.batch_size = setting, batch
+        with setting():
             self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
-        self.batch_size = batch
 
     def begin(self, length: int):
         return self.runner.begin(length)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        with _step_path(self.backend), _pdl(self.pdl):
+        with self.setting():
             return self.runner.step(token)
 
 
 def _runner(model, batch: int, length: int, fused: bool, pdl: bool = True) -> _Runner:
-    return _Runner(model, batch, length, fused, pdl)
+    """The fused block steps or the op-by-op ones (``_step_path``); ``pdl`` False: the fused kernels
+    without PDL."""
+    @contextlib.contextmanager
+    def setting():
+        with _step_path("triton" if fused else "reference"), _pdl(pdl):
+            yield
+    return _Runner(model, batch, length, setting)
 
 
 def _prefill(model, runner, batch: int, seed: int = 3) -> torch.Tensor:
@@ -385,23 +390,9 @@ def _model_checks(family: str = "mamba1") -> list[dict]:
     return rows
 
 
-class _ScanRunner:
-    """A CUDAGraphRunner with decode_step's own choices (fused blocks up to 4 rows, op by op above), its
-    mamba1_scan_step on ``backend``."""
-
-    def __init__(self, model, batch: int, length: int, backend: str) -> None:
-        from core.cuda_graph import CUDAGraphRunner
-
-        self.backend, self.batch_size = backend, batch
-        with forced_backend(backend, OP_SCAN):
-            self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
-
-    def begin(self, length: int):
-        return self.runner.begin(length)
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        with forced_backend(self.backend, OP_SCAN):
-            return self.runner.step(token)
+def _scan_runner(model, batch: int, length: int, backend: str) -> _Runner:
+    """decode_step's own choices (fused blocks up to 4 rows, op by op above), mamba1_scan_step on ``backend``."""
+    return _Runner(model, batch, length, lambda: forced_backend(backend, OP_SCAN))
 
 
 def _scan_step_rows(batches=(16, 64)):
@@ -411,8 +402,8 @@ def _scan_step_rows(batches=(16, 64)):
     rows, times = [], []
     steps = 8 if SMOKE else 32
     for batch in ((6,) if SMOKE else batches):
-        new, old = _ScanRunner(model, batch, 16 + steps + 2, "triton"), _ScanRunner(model, batch, 16 + steps + 2,
-                                                                                     "reference")
+        new = _scan_runner(model, batch, 16 + steps + 2, "triton")
+        old = _scan_runner(model, batch, 16 + steps + 2, "reference")
         logits = _prefill(model, old, batch)
         _prefill(model, new, batch)
         errs, untied = [], 0
@@ -426,7 +417,7 @@ def _scan_step_rows(batches=(16, 64)):
                               next(model.parameters()).dtype, max(errs), None, 2e-2,
                               note=f"greedy tokens differing away from near-ties: {untied}"))
         rows[-1]["pass"] = rows[-1]["pass"] and untied == 0
-        times.append({"kernel": "mamba1 decode step, 24 blocks (dt_proj in the scan / its own matmul)",
+        times.append({"kernel": f"mamba1 decode step, {len(model.backbone.layers)} blocks (dt_proj in the scan / its own matmul)",
                       "shape": f"batch {batch}", "ours_fwd_ms": _time_replays(new), "baseline_fwd_ms": _time_replays(old),
                       "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())})
         del new, old
@@ -507,10 +498,10 @@ def _bench_rows(batches=(1, 64), family: str = "mamba1"):
         make = block_args2 if family == "mamba2" else block_args
         args = make(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
         yield {"kernel": f"one {family} block step (fused / op-by-op)", "shape": f"batch {batch}",
-               "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("reference", args),
+               "ours_fwd_ms": (fused_ms := _block_ms("triton", args)), "baseline_fwd_ms": _block_ms("reference", args),
                "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
         yield {"kernel": f"one {family} block step (fused with PDL / without)", "shape": f"batch {batch}",
-               "ours_fwd_ms": _block_ms("triton", args), "baseline_fwd_ms": _block_ms("triton", args, pdl=False),
+               "ours_fwd_ms": fused_ms, "baseline_fwd_ms": _block_ms("triton", args, pdl=False),
                "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": _block_bytes(args)}
 
 
