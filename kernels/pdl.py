@@ -11,9 +11,13 @@ blocks until the predecessor has completed and its writes are visible. The kerne
     wait_for_prior_kernel(PDL)                # griddepcontrol.wait, then launch_dependents
     <the unchanged kernel body>
 
-Correctness therefore does not depend on what was prefetched: every load and store of the body comes
-after the wait, so the kernel sees exactly what it saw without PDL (and since each kernel releases its
-successor only after its own wait, the ordering is transitive down the chain). ``prefetch.global.L2``
+Correctness therefore does not depend on what was prefetched: every store of the body comes after the
+wait. So does every load of data that the previous kernel writes. Each kernel releases its successor only
+after its own wait, so when a kernel starts, the kernel before its predecessor has completed and its
+writes are visible. A load before the wait may therefore read the weights (never written) and anything
+last written two or more kernels back; the whole-row Mamba-1 kernels load their weights and their layer's
+states that way (``kernels/mamba_decode/triton.py``). ``tests/kernels/test_pdl.py`` checks in the
+compiled PTX which kernel arguments each load before the wait comes from. ``prefetch.global.L2``
 brings a 128-byte line into L2, which every SM shares and which is the point of coherence, so a line
 fetched early cannot be stale for a load issued after the wait. The body's weight loads then hit L2
 instead of HBM; CUDA graphs keep the programmatic edges (CUDA 12.3+).

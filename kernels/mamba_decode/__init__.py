@@ -1,7 +1,8 @@
 """Fused decoding steps: one token through a whole Mamba-1 block in three kernels instead of seven
 (``mamba1_decode_block``), or through a whole Mamba-2 block in three instead of six
 (``mamba2_decode_block``, ``triton_mamba2.py``). On an H100 both are faster than the op-by-op step at
-small batches and slower at batch 64, so ``core.cuda_graph`` uses them for at most 4 rows.
+small batches and slower at batch 64, so ``core.cuda_graph`` uses them for at most 4 rows. The step's
+end, final norm + LM head + float32 logits, is one kernel too (``decode_logits``, ``triton_logits.py``).
 
 ``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
 ``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the
@@ -20,10 +21,10 @@ from collections.abc import Callable
 import torch
 
 from kernels.dispatch import choose_backend
-from kernels.mamba_decode.reference import (mamba1_decode_block_reference, mamba1_scan_step_reference,
-                                             mamba2_decode_block_reference)
+from kernels.mamba_decode.reference import (decode_logits_reference, mamba1_decode_block_reference,
+                                             mamba1_scan_step_reference, mamba2_decode_block_reference)
 
-__all__ = ["mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
+__all__ = ["decode_logits", "decode_logits_backend", "decode_logits_unsupported", "mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
            "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
            "mamba2_decode_unsupported"]
 
@@ -326,3 +327,53 @@ def mamba2_decode_block(
     return _BLOCK2[backend](conv_state, ssm_state, x, residual, norm_weight, norm_eps, in_proj_weight, conv_weight,
                             conv_bias, dt_bias, A, D, float(dt_limit[0]), float(dt_limit[1]), gate_norm_weight,
                             gate_norm_eps, out_proj_weight, residual_dtype, residual_sumsq)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step's end: final norm + LM head + float32 logits
+
+OP_LOGITS = "decode_logits"
+_LOGITS = _backends(decode_logits_reference, "kernels.mamba_decode.triton_logits", "decode_logits_triton")
+
+
+def decode_logits_backend(device: torch.device | str) -> str:
+    """The backend :func:`decode_logits` runs on ``device`` (``triton`` on CUDA by default; forced by
+    ``SSM_SUITE_BACKEND_DECODE_LOGITS`` or ``forced_backend``)."""
+    return choose_backend(OP_LOGITS, tuple(_LOGITS), torch.device(device))
+
+
+def decode_logits_unsupported(batch: int, d_model: int, dtype: torch.dtype) -> str | None:
+    """Why the triton backend of :func:`decode_logits` cannot take this batch, width and LM head dtype;
+    None when it can (the reference backend takes every one)."""
+    if "triton" not in _LOGITS:
+        return "triton is not installed"
+    from kernels.mamba_decode.triton_logits import unsupported
+    return unsupported(batch, d_model, dtype)
+
+
+@torch.no_grad()
+def decode_logits(x: torch.Tensor | None, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  norm_eps: float, lm_head_weight: torch.Tensor, vocab_size: int,
+                  residual_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The end of a decoding step (``reference.decode_logits_reference``): x (the last block's output,
+    not yet added; None when ``residual`` holds it) + residual, the final RMSNorm, the LM head
+    (lm_head_weight [padded vocab, d_model]) and the first ``vocab_size`` logits, float32 [B, vocab_size].
+    residual_dtype: the stream's dtype (default: residual's, else x's)."""
+    if x is None and residual is None:
+        raise ValueError("decode_logits: give x (the last block's output), residual, or both")
+    like = residual if residual is not None else x
+    if like.dim() != 2 or (x is not None and residual is not None and x.shape != residual.shape):
+        raise ValueError(f"decode_logits: x and residual must be [B, d_model] alike, got "
+                         f"{None if x is None else list(_shape(x))} and "
+                         f"{None if residual is None else list(_shape(residual))}")
+    d_model = like.shape[1]
+    if norm_weight.shape != (d_model,) or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != d_model:
+        raise ValueError(f"decode_logits: norm_weight must be [{d_model}] and lm_head_weight [V, {d_model}], got "
+                         f"{list(_shape(norm_weight))} and {list(_shape(lm_head_weight))}")
+    if not 0 < vocab_size <= lm_head_weight.shape[0]:
+        raise ValueError(f"decode_logits: vocab_size {vocab_size} must be in 1..{lm_head_weight.shape[0]} "
+                         "(the LM head's rows)")
+    if residual_dtype is None:
+        residual_dtype = like.dtype
+    return _LOGITS[decode_logits_backend(like.device)](x, residual, norm_weight, norm_eps, lm_head_weight,
+                                                       vocab_size, residual_dtype)

@@ -171,3 +171,26 @@ def mamba2_decode_block_reference(
     residual_out = add_residual(out, r, residual_dtype)
     acc = _acc(residual_dtype)
     return residual_out, residual_out.to(acc).square().sum(-1)[None]
+
+
+def decode_logits_reference(
+    x: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    lm_head_weight: torch.Tensor,
+    vocab_size: int,
+    residual_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The end of a decoding step, as ``core.cuda_graph.decode_step`` runs it op by op: the last block's
+    output x added to the stream (when given), the final RMSNorm, its output cast to the LM head's dtype,
+    the LM head, and the first ``vocab_size`` logits as float32. x, residual [B, d_model] (either may be
+    None, not both); lm_head_weight [padded vocab, d_model]. Returns float32 [B, vocab_size]."""
+    if x is None and residual is None:
+        raise ValueError("decode_logits: give x (the last block's output), residual, or both")
+    if x is None:
+        hidden = rms_norm(residual, norm_weight, norm_eps)
+    else:
+        hidden, _ = rms_norm(x, norm_weight, norm_eps, residual=residual, residual_out_dtype=residual_dtype)
+    logits = F.linear(hidden.to(lm_head_weight.dtype), lm_head_weight)
+    return logits[..., :vocab_size].float()

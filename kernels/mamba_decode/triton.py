@@ -37,11 +37,14 @@ whole and rewritten after a barrier: a small tile is replicated over a program's
 replica must not overwrite an entry that another has yet to read (the interpreter cannot show this race;
 the first H100 run did).
 
-On sm_90+ the GEMV-tile kernels are launched with programmatic dependent launch: each prefetches its
-weights into L2 and then waits for its predecessor (``kernels/pdl.py``).
+On sm_90+ the GEMV-tile kernels are launched with programmatic dependent launch (``kernels/pdl.py``).
+Where a whole row fits in registers (``PRE``: mamba1-130m at batch 1-4) each kernel loads its weights and
+its layer's state before waiting for its predecessor (neither is written by it), and after the wait
+issues its remaining loads together: one round trip to memory a kernel instead of 3-7. Elsewhere the
+kernels prefetch their weights into L2 and load in chunks after the wait.
 
-Measured on an H100 (docs/kernels/mamba_decode.md): a mamba1-130m block step at batch 1 takes 12.8 us
-against 27.8 us op by op, the whole decoding step 0.45 ms (with PDL) against 0.59 ms; at batch 64 the
+Measured on an H100 (docs/kernels/mamba_decode.md): a mamba1-130m block step at batch 1 takes 8.1 us
+against 27 us op by op, the whole decoding step 0.28 ms against 0.59 ms; at batch 64 the
 tl.dot tiles lose to the op-by-op step's cuBLAS matmuls (1.11 vs 0.75 ms a step), so ``core.cuda_graph``
 runs this step only for small batches (``FUSED_MAMBA1_MAX_BATCH``). Kernel 2 also runs alone on x_proj's
 output (``mamba1_scan_step_op``): dt_proj inside the scan, for the op-by-op step at larger batches.
@@ -70,10 +73,14 @@ _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 # Tiles. Batches up to "small_batch" rows take the register GEMV path ("small"), larger ones tl.dot
 # ("large"). "elems": register elements of one broadcast product [BB, BC, BK]; "part": x_proj through
-# kernel 1's partials (None: where the rule in ``tiles`` says so). Tests and benchmarks may override.
+# kernel 1's partials (None: where the rule in ``tiles`` says so); "pre": GEMV kernels that load whole
+# weight rows before waiting for the previous kernel, where the product over a whole row stays within
+# "pre_elems_per_warp" register elements a warp at up to "pre_max_warps" warps (``tiles``: PRE1, PRE2,
+# PRE3). Tests and benchmarks may override.
 TILES = {
     "small_batch": 4,
-    "small": {"BC": 16, "BD": 32, "BN": 8, "elems": 4096, "warps": 4, "part": None},
+    "small": {"BC": 16, "BD": 32, "BN": 4, "elems": 4096, "warps1": 4, "warps3": 4, "part": None, "pre": True,
+              "pre_elems_per_warp": 8192, "pre_max_warps": 8},
     "large": {"BB1": 64, "BC": 32, "BK1": 64, "BB2": 16, "BD": 32, "BB3": 32, "BN": 32, "BK3": 64,
               "warps1": 8, "warps3": 4},
 }
@@ -111,13 +118,17 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
-                    cols, rmask, nmask):
+                    cols, rmask, nmask, res_tile, RES_TILE: tl.constexpr):
     """The end of a block step (both mixers' kernel 3): residual_out = round(out_proj's acc) + residual_in
     (rounded as F.linear rounds it, then added in the norm's order), stored, and this program's partial
-    sums of squares of the rows, which the next block's norm reads instead of the rows."""
+    sums of squares of the rows, which the next block's norm reads instead of the rows. With RES_TILE the
+    caller has loaded residual_in's [BB, BN] tile already (``res_tile``)."""
     mask = rmask[:, None] & nmask[None, :]
     h = _round(acc, wo_ptr.dtype.element_ty).to(tl.float32)
-    h += tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RES_TILE:
+        h += res_tile.to(tl.float32)
+    else:
+        h += tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h = _round(h, res_out_ptr.dtype.element_ty)
     tl.store(res_out_ptr + rows[:, None] * stride_rob + cols[None, :], h, mask=mask)
     h = tl.where(mask, h.to(tl.float32), 0.0)
@@ -191,6 +202,34 @@ def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rm
 
 
 @triton.jit
+def _pick(tile, k_range, k):
+    """Column k of a [BC, BW] tile as float32 [BC] (an exact pick: one nonzero term per row)."""
+    return tl.sum(tl.where(k_range[None, :] == k, tile.to(tl.float32), 0.0), axis=1)
+
+
+@triton.jit
+def _conv_inputs(win, kmask3, cw_ptr, cb_ptr, wx_ptr, chan, cmask, stride_cw0, stride_cw1, stride_wx0, stride_wx1,
+                 J: tl.constexpr, W: tl.constexpr, HAS_CB: tl.constexpr, HAS_PART: tl.constexpr, BJ: tl.constexpr,
+                 BWW: tl.constexpr):
+    """Kernel 1's loads for the conv and x_proj (masked off for z-half programs by ``cmask``): the state
+    window [BB, BC, BW], the conv weights [BC, BWW], the conv bias [BC] (0 without one) and the x_proj
+    columns of these channels [BJ, BC] (0 without partials)."""
+    old = tl.load(win, mask=kmask3, other=0.0)
+    kw = tl.arange(0, BWW)
+    cwt = tl.load(cw_ptr + chan[:, None] * stride_cw0 + kw[None, :] * stride_cw1,
+                  mask=cmask[:, None] & (kw[None, :] < W), other=0.0)
+    bias = 0.0
+    if HAS_CB:
+        bias = tl.load(cb_ptr + chan, mask=cmask, other=0.0).to(tl.float32)
+    wx = 0.0
+    if HAS_PART:
+        jj = tl.arange(0, BJ)
+        wx = tl.load(wx_ptr + jj[:, None] * stride_wx0 + chan[None, :] * stride_wx1,
+                     mask=(jj[:, None] < J) & cmask[None, :], other=0.0)
+    return old, cwt, bias, wx
+
+
+@triton.jit
 def _in_conv_kernel(
     x_ptr, res_ptr, ssq_ptr, nw_ptr, win_ptr, cw_ptr, cb_ptr, cs_ptr, wx_ptr,
     stream_ptr, xc_ptr, z_ptr, part_ptr,
@@ -202,7 +241,7 @@ def _in_conv_kernel(
     HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
     HAS_PART: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
+    BWW: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
@@ -217,41 +256,64 @@ def _in_conv_kernel(
     cmask = chan < DI
     wrow = tl.where(is_x, chan, chan + DI)
 
-    # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_rows_l2(win_ptr, wrow, cmask, stride_wi0, DM, LINE, LPD, PDL)
-    lcol = tl.arange(0, LPD) * LINE
-    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
-    prefetch_l2(cw_ptr + chan * stride_cw0, cmask & is_x, cw_ptr, PDL)
-    prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
-                rmask[:, None] & cmask[None, :] & is_x, cs_ptr, PDL)
-    if HAS_PART:
-        jp = tl.arange(0, BJ)
-        prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PDL)
-    wait_for_prior_kernel(PDL)
-    v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask, pid_c == 0,
-                      eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
-                      HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
     mask = rmask[:, None] & cmask[None, :]
+    kk = tl.arange(0, BW)
+    kmask3 = mask[:, :, None] & (kk[None, None, :] < W - 1) & is_x
+    win = (cs_ptr + rows[:, None, None] * stride_csb + chan[None, :, None] * stride_csd
+           + kk[None, None, :] * stride_csk)
+    if PRE:
+        # Everything that the previous kernel does not write is loaded before waiting for it: the weights,
+        # and this layer's conv window (last written by this kernel at the previous token: kernels/pdl.py).
+        # After the wait only the stream's row remains to be read.
+        kc = tl.arange(0, BK)
+        kcmask = kc < DM
+        w_in = tl.load(win_ptr + wrow[:, None] * stride_wi0 + kc[None, :] * stride_wi1,
+                       mask=cmask[:, None] & kcmask[None, :], other=0.0)
+        nw = tl.load(nw_ptr + kc, mask=kcmask, other=0.0).to(tl.float32)
+        old, cwt, bias, wx = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, wx_ptr, chan, cmask & is_x, stride_cw0,
+                                          stride_cw1, stride_wx0, stride_wx1, J, W, HAS_CB, HAS_PART, BJ, BWW)
+    else:
+        # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
+        prefetch_rows_l2(win_ptr, wrow, cmask, stride_wi0, DM, LINE, LPD, PDL)
+        lcol = tl.arange(0, LPD) * LINE
+        prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
+        prefetch_l2(cw_ptr + chan * stride_cw0, cmask & is_x, cw_ptr, PDL)
+        prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
+                    rmask[:, None] & cmask[None, :] & is_x, cs_ptr, PDL)
+        if HAS_PART:
+            jp = tl.arange(0, BJ)
+            prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PDL)
+    wait_for_prior_kernel(PDL)
+    if PRE:
+        # r = x + residual, its norm from the row itself, and the in_proj rows: one round trip to memory.
+        rkmask = rmask[:, None] & kcmask[None, :]
+        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, kc, rkmask, stride_xb, stride_rb, HAS_X, HAS_RES)
+        if HAS_X:
+            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
+                tl.store(stream_ptr + rows[:, None] * stride_sb + kc[None, :], h.to(stream_ptr.dtype.element_ty),
+                         mask=rkmask)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
+        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
+        v = _round(tl.sum(hn.to(tl.float32)[:, None, :] * w_in.to(tl.float32)[None, :, :], axis=2), wdt)
+    else:
+        v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask,
+                          pid_c == 0, eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM,
+                          NQ, HAS_X, HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
+        old, cwt, bias, wx = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, wx_ptr, chan, cmask & is_x, stride_cw0,
+                                          stride_cw1, stride_wx0, stride_wx1, J, W, HAS_CB, HAS_PART, BJ, BWW)
 
     if is_x:
         # Depthwise causal conv over (conv_state, v), adding in the order of the op-by-op conv step kernel.
         # The state window is read whole, then (after a barrier: small tiles are replicated over threads,
         # and a replica must not overwrite an entry another has yet to read) stored shifted by one.
-        kk = tl.arange(0, BW)
-        kmask3 = mask[:, :, None] & (kk[None, None, :] < W - 1)
-        win = (cs_ptr + rows[:, None, None] * stride_csb + chan[None, :, None] * stride_csd
-               + kk[None, None, :] * stride_csk)
-        old = tl.load(win, mask=kmask3, other=0.0)
-        wcol = cw_ptr + chan * stride_cw0
+        kw = tl.arange(0, BWW)
+        y = tl.zeros([BB, BC], dtype=tl.float32)
         if HAS_CB:
-            bias = tl.load(cb_ptr + chan, mask=cmask, other=0.0).to(tl.float32)
-            y = tl.zeros([BB, BC], dtype=tl.float32) + bias[None, :]
-        else:
-            y = tl.zeros([BB, BC], dtype=tl.float32)
-        y += tl.load(wcol + (W - 1) * stride_cw1, mask=cmask, other=0.0).to(tl.float32)[None, :] * v.to(tl.float32)
+            y += bias[None, :]
+        y += _pick(cwt, kw, W - 1)[None, :] * v.to(tl.float32)
         for k in tl.static_range(0, W - 1):
             col = tl.sum(tl.where(kk[None, None, :] == k, old.to(tl.float32), 0.0), axis=2)  # exact pick
-            y += tl.load(wcol + k * stride_cw1, mask=cmask, other=0.0).to(tl.float32)[None, :] * col
+            y += _pick(cwt, kw, k)[None, :] * col
         tl.debug_barrier()
         tl.store(win - stride_csk, old, mask=kmask3 & (kk[None, None, :] >= 1))
         tl.store(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd + (W - 2) * stride_csk,
@@ -261,13 +323,27 @@ def _in_conv_kernel(
         if HAS_PART:
             # This block's share of x_proj: x_dbl partial [BB, J] = xc[:, block] @ x_proj[:, block]^T.
             jj = tl.arange(0, BJ)
-            wx = tl.load(wx_ptr + jj[:, None] * stride_wx0 + chan[None, :] * stride_wx1,
-                         mask=(jj[:, None] < J) & cmask[None, :], other=0.0)
             xd = _mm(xc, wx, DOT, IEEE)
             tl.store(part_ptr + pid_c.to(tl.int64) * stride_pp + rows[:, None] * stride_pb + jj[None, :], xd,
                      mask=rmask[:, None] & (jj[None, :] < J))
     else:
         tl.store(z_ptr + rows[:, None] * stride_zb + chan[None, :], v, mask=mask)
+
+
+@triton.jit
+def _scan_params(wdt_ptr, dtb_ptr, A_ptr, D_ptr, d, dmask, r, n, stride_w0, stride_w1, stride_a0, stride_a1,
+                 R: tl.constexpr, N: tl.constexpr, HAS_D: tl.constexpr):
+    """Kernel 2's parameters for channels ``d``: dt_proj rows [BD, BR], dt_bias [BD], A [BD, BN] and D [BD]
+    (float32; 0 without D)."""
+    wd = tl.load(wdt_ptr + d[:, None] * stride_w0 + r[None, :] * stride_w1, mask=dmask[:, None] & (r[None, :] < R),
+                 other=0.0)
+    dtb = tl.load(dtb_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d[:, None] * stride_a0 + n[None, :] * stride_a1, mask=dmask[:, None] & (n[None, :] < N),
+                other=0.0).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    return wd, dtb, A, Dv
 
 
 @triton.jit
@@ -279,24 +355,37 @@ def _scan_kernel(
     DI: tl.constexpr, R: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BB: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    PDL: tl.constexpr,
+    PRE: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     d = tl.program_id(0).to(tl.int64) * BD + tl.arange(0, BD)
     dmask = d < DI
-    # Weights and this layer's state rows into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_l2(wdt_ptr + d * stride_w0, dmask, wdt_ptr, PDL)
-    prefetch_l2(A_ptr + d * stride_a0, dmask, A_ptr, PDL)
-    prefetch_l2(dtb_ptr + d, dmask, dtb_ptr, PDL)
-    if HAS_D:
-        prefetch_l2(D_ptr + d, dmask, D_ptr, PDL)
-    prefetch_l2(st_ptr + rows[:, None] * stride_sb + d[None, :] * stride_sd, rmask[:, None] & dmask[None, :],
-                st_ptr, PDL)
-    wait_for_prior_kernel(PDL)
     wdt = y_ptr.dtype.element_ty
     r = tl.arange(0, BR)
     n = tl.arange(0, BN)
+    mask = rmask[:, None] & dmask[None, :]
+    mask3 = mask[:, :, None] & (n[None, None, :] < N)
+    st = st_ptr + rows[:, None, None] * stride_sb + d[None, :, None] * stride_sd + n[None, None, :] * stride_sn
+    if PRE:
+        # What the previous kernel does not write, loaded before waiting for it: the weights, and this
+        # layer's state (last written by this kernel at the previous token: kernels/pdl.py).
+        wd, dtb, A, Dv = _scan_params(wdt_ptr, dtb_ptr, A_ptr, D_ptr, d, dmask, r, n, stride_w0, stride_w1,
+                                      stride_a0, stride_a1, R, N, HAS_D)
+        h = tl.load(st, mask=mask3, other=0.0).to(tl.float32)
+    else:
+        # Weights and this layer's state rows into L2 while the previous kernel finishes (kernels/pdl.py).
+        prefetch_l2(wdt_ptr + d * stride_w0, dmask, wdt_ptr, PDL)
+        prefetch_l2(A_ptr + d * stride_a0, dmask, A_ptr, PDL)
+        prefetch_l2(dtb_ptr + d, dmask, dtb_ptr, PDL)
+        if HAS_D:
+            prefetch_l2(D_ptr + d, dmask, D_ptr, PDL)
+        prefetch_l2(st_ptr + rows[:, None] * stride_sb + d[None, :] * stride_sd, rmask[:, None] & dmask[None, :],
+                    st_ptr, PDL)
+    wait_for_prior_kernel(PDL)
+    # The conv output and the gate first: their loads are in flight with the partials'.
+    x = tl.load(xc_ptr + rows[:, None] * stride_xcb + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_zb + d[None, :], mask=mask, other=0.0).to(tl.float32)
 
     # x_dbl = the sum of the partials, in a fixed order, rounded as x_proj's output.
     dtl = tl.zeros([BB, BR], dtype=tl.float32)
@@ -315,27 +404,19 @@ def _scan_kernel(
     Bv = _round(Bv, wdt).to(tl.float32)
     Cv = _round(Cv, wdt).to(tl.float32)
 
+    if not PRE:
+        wd, dtb, A, Dv = _scan_params(wdt_ptr, dtb_ptr, A_ptr, D_ptr, d, dmask, r, n, stride_w0, stride_w1,
+                                      stride_a0, stride_a1, R, N, HAS_D)
+        h = tl.load(st, mask=mask3, other=0.0).to(tl.float32)
     # dt = softplus(dt_proj(dt_low) + dt_bias), dt_proj's output rounded as F.linear rounds it.
-    wd = tl.load(wdt_ptr + d[:, None] * stride_w0 + r[None, :] * stride_w1,
-                 mask=dmask[:, None] & (r[None, :] < R), other=0.0)
     dt = _round(_mm(_round(dtl, wdt), wd, DOT, IEEE), wdt).to(tl.float32)
-    dt += tl.load(dtb_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    dt = _softplus(dt)
-
-    mask = rmask[:, None] & dmask[None, :]
-    x = tl.load(xc_ptr + rows[:, None] * stride_xcb + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + d[:, None] * stride_a0 + n[None, :] * stride_a1,
-                mask=dmask[:, None] & (n[None, :] < N), other=0.0).to(tl.float32)
-    mask3 = mask[:, :, None] & (n[None, None, :] < N)
-    st = st_ptr + rows[:, None, None] * stride_sb + d[None, :, None] * stride_sd + n[None, None, :] * stride_sn
-    h = tl.load(st, mask=mask3, other=0.0).to(tl.float32)
+    dt = _softplus(dt + dtb[None, :])
     h = tl.exp(dt[:, :, None] * A[None, :, :]) * h + (dt * x)[:, :, None] * Bv[:, None, :]
     tl.debug_barrier()  # every replica of a state entry has read it before any rewrites it
     tl.store(st, h.to(st_ptr.dtype.element_ty), mask=mask3)
     y = tl.sum(h * Cv[:, None, :], axis=2)
     if HAS_D:
-        y += tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :] * x
-    z = tl.load(z_ptr + rows[:, None] * stride_zb + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        y += Dv[None, :] * x
     y = y * z * tl.sigmoid(z)
     tl.store(y_ptr + rows[:, None] * stride_yb + d[None, :], _round(y, wdt), mask=mask)
 
@@ -346,33 +427,49 @@ def _out_kernel(
     batch,
     stride_yb, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
     DM: tl.constexpr, DI: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr,
+    LINE: tl.constexpr, LPI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
-    prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PDL)  # kernels/pdl.py
-    wait_for_prior_kernel(PDL)
-    if DOT:
-        acc = tl.zeros([BB, BN], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BB, BN, BK], dtype=tl.float32)
-    for k0 in range(0, DI, BK):
-        k = k0 + tl.arange(0, BK)
+    if PRE:
+        # The weights and the residual (written two or more kernels back: kernel 1 or the previous block's
+        # kernel 3; kernels/pdl.py) before the wait; after it only y is read, whole rows at once (BK >= DI).
+        k = tl.arange(0, BK)
         kmask = k < DI
-        yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1,
                     mask=nmask[:, None] & kmask[None, :], other=0.0)
+        res = tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=rmask[:, None] & nmask[None, :],
+                      other=0.0)
+        wait_for_prior_kernel(PDL)
+        yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.sum(yv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n,
+                        rows, cols, rmask, nmask, res, True)
+    else:
+        prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PDL)  # kernels/pdl.py
+        wait_for_prior_kernel(PDL)
         if DOT:
-            acc += _mm(yv, w, DOT, IEEE)
+            acc = tl.zeros([BB, BN], dtype=tl.float32)
         else:
-            acc3 += yv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-    _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
-                    cols, rmask, nmask)
+            acc3 = tl.zeros([BB, BN, BK], dtype=tl.float32)
+        for k0 in range(0, DI, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < DI
+            yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1,
+                        mask=nmask[:, None] & kmask[None, :], other=0.0)
+            if DOT:
+                acc += _mm(yv, w, DOT, IEEE)
+            else:
+                acc3 += yv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not DOT:
+            acc = tl.sum(acc3, axis=2)
+        _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
+                        cols, rmask, nmask, 0.0, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +497,7 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
         bd = _clamp(2 * elems // (bb * max(bns, br)), 1, t["BD"])
         cfg = dict(DOT=False, BB1=bb, BC=bc, BK1=_clamp(elems // (bb * bc), 16, _pow2(d_model)), BJ=_pow2(xproj),
                    BB2=bb, BD=bd, DOT2=False, BB3=bb, BN=t["BN"],
-                   BK3=_clamp(elems // (bb * t["BN"]), 16, _pow2(d_inner)), warps1=t["warps"], warps3=t["warps"])
+                   BK3=_clamp(elems // (bb * t["BN"]), 16, _pow2(d_inner)), warps1=t["warps1"], warps3=t["warps3"])
     else:
         t = TILES["large"]
         bb1 = min(t["BB1"], max(16, _pow2(batch)))
@@ -429,6 +526,26 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
     np_rows = cfg["NP"] if cfg["PART"] else 1
     cfg["BP"] = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], bns)), 1, _pow2(np_rows))
     cfg["NQ"] = cdiv(d_model, cfg["BN"])
+    # Whole-row kernels (GEMV only): kernel 1 over all of d_model, kernel 3 over all of d_inner, kernel 2
+    # with its loads before the wait and all partials in one tile.
+    # Measured on an H100 (docs/kernels/mamba_decode.md): mamba1-130m's step at batch 1 went from 0.43 to
+    # 0.28 ms; more warps pay only once a product passes 4 warps' worth (batch 4).
+    small = TILES["small"]
+    pre = not cfg["DOT"] and small["pre"]
+    per_warp, max_warps = small["pre_elems_per_warp"], small["pre_max_warps"]
+    limit = per_warp * max_warps
+    products = {"1": cfg["BB1"] * cfg["BC"] * _pow2(d_model), "3": cfg["BB3"] * cfg["BN"] * _pow2(d_inner)}
+    for k, elems in products.items():
+        cfg[f"PRE{k}"] = pre and elems <= limit
+        if cfg[f"PRE{k}"]:
+            cfg[f"warps{k}"] = _clamp(elems // per_warp, cfg[f"warps{k}"], max_warps)
+    cfg["PRE2"] = pre
+    if cfg["PRE1"]:
+        cfg["BK1"] = _pow2(d_model)
+    if cfg["PRE3"]:
+        cfg["BK3"] = _pow2(d_inner)
+    if cfg["PRE2"]:
+        cfg["BP"] = _clamp(4 * per_warp // (cfg["BB2"] * max(cfg["BR"], bns)), cfg["BP"], _pow2(np_rows))
     return cfg
 
 
@@ -495,8 +612,8 @@ def mamba1_decode_block_op(
         DM=d_model, DI=d_inner, J=xproj, W=width, NQ=nq_in,
         HAS_X=x is not None, HAS_RES=residual is not None, HAS_SSQ=x is None and residual_sumsq is not None,
         HAS_CB=conv_bias is not None, HAS_PART=cfg["PART"], DOT=cfg["DOT"], IEEE=ieee,
-        BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BJ=cfg["BJ"], BQ=bq, BW=_pow2(width - 1),
-        PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"], launch_pdl=pdl,
+        BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BJ=cfg["BJ"], BQ=bq, BW=_pow2(width - 1), BWW=_pow2(width),
+        PRE=cfg["PRE1"], PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"], launch_pdl=pdl,
     )
     if cfg["PART"]:
         xdbl, n_part, strides = part, cfg["NP"], part.stride()
@@ -509,14 +626,14 @@ def mamba1_decode_block_op(
         *strides, *dt_proj_weight.stride(), *A.stride(), xc.stride(0), z.stride(0), *ssm_state.stride(),
         y.stride(0),
         DI=d_inner, R=dt_rank, N=d_state, NP=n_part, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=ieee,
-        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=cfg["BP"], PDL=pdl,
+        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=cfg["BP"], PRE=cfg["PRE2"], PDL=pdl,
         num_warps=cfg["warps2"], launch_pdl=pdl,
     )
     _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
         y, out_proj_weight, res_mid, res_out, ssq, batch,
         y.stride(0), *out_proj_weight.stride(), res_mid.stride(0), res_out.stride(0), ssq.stride(0),
         DM=d_model, DI=d_inner, DOT=cfg["DOT"], IEEE=ieee, BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"],
-        PDL=pdl, LINE=line, LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
+        PRE=cfg["PRE3"], PDL=pdl, LINE=line, LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
     )
     return res_out, ssq
 
@@ -608,7 +725,7 @@ def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tenso
         0, x_dbl.stride(0), x_dbl.stride(1), *dt_proj_weight.stride(), *A.stride(), x.stride(0), z.stride(0),
         *ssm_state.stride(), y.stride(0),
         DI=d_inner, R=dt_rank, N=d_state, NP=1, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=wdt == torch.float32,
-        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=1, PDL=False, num_warps=cfg["warps2"],
+        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=1, PRE=False, PDL=False, num_warps=cfg["warps2"],
     )
     return y
 

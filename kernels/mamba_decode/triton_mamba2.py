@@ -220,7 +220,7 @@ def _out_kernel(
     if not DOT:
         acc = tl.sum(acc3, axis=2)
     _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
-                    cols, rmask, nmask)
+                    cols, rmask, nmask, 0.0, False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ so the kernels' argument lists are exactly the ones the entry points build. Each
 compiled with Triton's own binder and compiler for ``cuda:<arch>`` (the wheel ships ptxas, so this
 assembles real SASS; it checks inline PTX that the CPU interpreter never sees). Prints one JSON line per
 kernel: its name, whether the PTX has the PDL instructions and L2 prefetches, whether they come before
-every global load and store, and the cubin's size.
+the wait and the wait before every global store, which kernel arguments global loads before the wait
+read from, and the cubin's size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ class _Recorder:
     def __init__(self, kernel: Any, calls: list) -> None:
         self.kernel, self.calls = kernel, calls
 
+    label = ""  # appended to the kernel's name in the report (a second launch form of the same kernel)
+
     def __getitem__(self, grid: Any):
-        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs, _Recorder.label))
 
 
 def compile_launch(kernel: Any, args: tuple, kwargs: dict, target: Any) -> Any:
@@ -47,12 +51,58 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, target: Any) -> Any:
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+_REG = re.compile(r"%[a-z]+[0-9]+")
+
+
+def pre_wait_load_sources(ptx: str, param_names: list[str]) -> set[str]:
+    """The kernel arguments that global loads before ``griddepcontrol.wait`` read from: a backward slice of
+    each load's address register, through the PTX before the wait, to the ``ld.param`` of a pointer.
+    ``param_names``: the kernel's non-constexpr arguments in order (the PTX params ``<kernel>_param_<i>``)."""
+    if "griddepcontrol.wait" not in ptx:
+        return set()
+    origin: dict[str, set[str]] = {}
+    sources: set[str] = set()
+    for line in ptx.splitlines():
+        text = line.strip()
+        if "griddepcontrol.wait" in text:
+            break
+        if not text or text.startswith(("//", ".", "{", "}", "$")) or text.endswith(":"):
+            continue
+        text = re.sub(r"^@!?%p[0-9]+\s+", "", text).rstrip(";")
+        opcode, _, operands = text.partition(" ")
+        regs = _REG.findall(operands)
+        if opcode.startswith("ld.param"):
+            index = int(re.search(r"_param_([0-9]+)", operands).group(1))
+            name = param_names[index] if index < len(param_names) else f"param_{index}"
+            for reg in regs:
+                origin[reg] = {name}
+            continue
+        if opcode.startswith("ld.global"):
+            address = _REG.findall(operands.split("[", 1)[1])
+            found = set().union(*(origin.get(r, set()) for r in address))
+            sources |= found
+            dests = _REG.findall(operands.split("[", 1)[0])
+            for reg in dests:
+                origin[reg] = found
+            continue
+        if not regs:
+            continue
+        dests = _REG.findall(operands.split("}", 1)[0]) if operands.startswith("{") else regs[:1]
+        srcs = regs[len(dests):]
+        derived = set().union(*(origin.get(r, set()) for r in srcs))
+        for reg in dests:
+            origin[reg] = derived
+    return sources
+
+
 def record_launches(pdl: bool) -> list:
-    """The Triton launches of one fused Mamba-1 and one fused Mamba-2 block step (batch 1, bfloat16)."""
+    """The Triton launches of one fused Mamba-1 block step (whole-row kernels, then the chunked ones), the
+    one-kernel logits and one fused Mamba-2 block step (batch 1, bfloat16): (kernel, args, kwargs, label)."""
     import torch
 
     from kernels import pdl as pdl_module
     from kernels.mamba_decode import triton as m1
+    from kernels.mamba_decode import triton_logits as ml
     from kernels.mamba_decode import triton_mamba2 as m2
 
     calls: list = []
@@ -60,15 +110,29 @@ def record_launches(pdl: bool) -> list:
         module.pdl_enabled = lambda device: pdl  # the CPU tensors stand for a Hopper device's
         for name in ("_in_conv_kernel", "_scan_kernel", "_out_kernel"):
             setattr(module, name, _Recorder(getattr(module, name), calls))
+    ml.pdl_enabled = lambda device: pdl
+    ml._logits_kernel = _Recorder(ml._logits_kernel, calls)
     assert pdl_module.pdl_enabled(torch.device("cpu")) is False  # the real rule is untouched
 
     bf = dict(dtype=torch.bfloat16)
     dm, di, n, r, w = 64, 128, 16, 4, 4
-    m1.mamba1_decode_block_op(
-        torch.zeros(1, di, w - 1, **bf), torch.zeros(1, di, n), torch.zeros(1, dm, **bf), torch.zeros(1, dm, **bf),
-        torch.ones(dm, **bf), 1e-5, torch.zeros(2 * di, dm, **bf), torch.zeros(di, w, **bf), torch.zeros(di, **bf),
-        torch.zeros(r + 2 * n, di, **bf), torch.zeros(di, r, **bf), torch.zeros(di, **bf), -torch.ones(di, n),
-        torch.ones(di), torch.zeros(dm, di, **bf), torch.float32, None)
+    def mamba1_step():
+        m1.mamba1_decode_block_op(
+            torch.zeros(1, di, w - 1, **bf), torch.zeros(1, di, n), torch.zeros(1, dm, **bf), torch.zeros(1, dm, **bf),
+            torch.ones(dm, **bf), 1e-5, torch.zeros(2 * di, dm, **bf), torch.zeros(di, w, **bf),
+            torch.zeros(di, **bf), torch.zeros(r + 2 * n, di, **bf), torch.zeros(di, r, **bf), torch.zeros(di, **bf),
+            -torch.ones(di, n), torch.ones(di), torch.zeros(dm, di, **bf), torch.float32, None)
+
+    mamba1_step()  # whole-row kernels: weights and states loaded before the wait
+    tiles = m1.TILES
+    m1.TILES = {**tiles, "small": {**tiles["small"], "pre": False}}  # chunked kernels: L2 prefetches only
+    _Recorder.label = ":chunked"
+    try:
+        mamba1_step()
+    finally:
+        m1.TILES, _Recorder.label = tiles, ""
+    ml.decode_logits_op(None, torch.zeros(1, dm), torch.ones(dm, **bf), 1e-5, torch.zeros(100, dm, **bf), 97,
+                        torch.float32)
     heads, headdim, groups = 4, 32, 1
     conv_dim = di + 2 * groups * n
     m2.mamba2_decode_block_op(
@@ -90,21 +154,23 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", args.arch, 32)
-    for kernel, kargs, kwargs in record_launches(bool(args.pdl)):
+    for kernel, kargs, kwargs, label in record_launches(bool(args.pdl)):
         compiled = compile_launch(kernel, kargs, kwargs, target)
         ptx = compiled.asm["ptx"]
+        params = {k: v for k, v in compiled.src.signature.items() if v != "constexpr"}  # the PTX params, in order
         lines = ptx.splitlines()
         first = lambda pattern: next((i for i, line in enumerate(lines) if pattern in line), len(lines))
         last = lambda pattern: max((i for i, line in enumerate(lines) if pattern in line), default=-1)
         print(json.dumps({
-            "kernel": f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.fn.__name__}",
+            "kernel": f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.fn.__name__}{label}",
             "launch_pdl": bool(kwargs.get("launch_pdl", False)),
             "gdc_wait": "griddepcontrol.wait" in ptx,
             "gdc_launch_dependents": "griddepcontrol.launch_dependents" in ptx,
             "prefetches": ptx.count("prefetch.global.L2"),
             # every prefetch before the wait, and no global load or store before it
-            "ordered": last("prefetch.global.L2") < first("griddepcontrol.wait")
-            < min(first("ld.global"), first("st.global")),
+            "ordered": last("prefetch.global.L2") < first("griddepcontrol.wait") < first("st.global"),
+            # what is loaded before the wait (must not be what the previous kernel writes)
+            "pre_wait_loads": sorted(name for name in pre_wait_load_sources(ptx, list(params)) if params[name][0] == "*"),
             "cubin_bytes": len(compiled.asm["cubin"]),
         }), flush=True)
 

@@ -132,6 +132,8 @@ def test_bfloat16_stream():
     {"small_batch": 0},  # batch 3 through the tl.dot tiles
     {"small": {**md_triton.TILES["small"], "part": False}},  # GEMV tiles, x_proj as one matmul
     {"small": {**md_triton.TILES["small"], "BC": 32, "BN": 16, "elems": 1024}},  # other GEMV tiles
+    {"small": {**md_triton.TILES["small"], "pre": False}},  # chunked GEMV kernels, loads after the wait
+    {"small": {**md_triton.TILES["small"], "pre_elems_per_warp": 32}},  # whole-row scan kernel only
     {"large": {**md_triton.TILES["large"], "BB1": 16, "BC": 16, "BK1": 16, "BB2": 1, "BD": 16, "BB3": 16,
                "BN": 16, "BK3": 16}},  # small dot tiles, register dt product (BB2 < 16)
 ])
@@ -161,6 +163,16 @@ def test_tiles_choice():
     small = md_triton.tiles(1, 768, 1536, 16, 48)
     large = md_triton.tiles(64, 768, 1536, 16, 48)
     assert not small["DOT"] and small["PART"] and small["NQ"] == triton.cdiv(768, small["BN"])
+    # Whole rows before the wait at batch 1 (kernel 1 over 1024 >= 768 features, kernel 3 over 2048 >= 1536,
+    # kernel 2 with all 96 partials in one tile); at batch 4 kernel 1 takes 8 warps for its larger product,
+    # and a d_model past 8 warps' worth takes the chunked kernel.
+    assert small["PRE1"] and small["PRE2"] and small["PRE3"] and small["warps1"] == small["warps3"] == 4
+    assert small["BK1"] == 1024 and small["BK3"] == 2048 and small["BP"] >= small["NP"]
+    four = md_triton.tiles(4, 768, 1536, 16, 48)
+    assert four["PRE1"] and four["PRE2"] and four["PRE3"] and four["warps1"] == 8
+    wide = md_triton.tiles(4, 2560, 5120, 16, 160)
+    assert not wide["PRE1"] and not wide["PRE3"] and wide["PRE2"]
+    assert not large["PRE1"] and not large["PRE2"] and not large["PRE3"]
     assert large["DOT"] and not large["PART"] and large["DOT2"]
     # A large state shrinks the scan tile and keeps dt in registers.
     assert not md_triton.tiles(64, 768, 1536, 128, 48)["DOT2"]

@@ -2,9 +2,10 @@
 
 The CPU interpreter cannot run ``griddepcontrol`` or ``prefetch.global.L2``, so these tests compile the
 kernels, as the entry points launch them, for an H100 (sm_90) with the ptxas that the Triton wheel ships:
-the inline PTX must assemble, the PDL instructions must be there, and every L2 prefetch must precede the
-wait and the wait every global load and store (what makes PDL correct). For sm_80 (no PDL) none of it may
-appear. Whether PDL pays off is measured on the GPU (scripts/gpu_checks/mamba_decode.py)."""
+the inline PTX must assemble, the PDL instructions must be there, every L2 prefetch must precede the wait
+and the wait every global store, and a global load before the wait may read only what the previous kernel
+does not write (a backward slice of each load's address to the kernel argument it comes from): what
+makes PDL correct. For sm_80 (no PDL) none of it may appear. Whether PDL pays off is measured on the GPU (scripts/gpu_checks/mamba_decode.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,20 @@ from kernels import pdl
 
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parent / "hopper_compile.py"
-KERNELS = {f"{m}.{k}" for m in ("triton", "triton_mamba2") for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel")}
+KERNELS = {f"{m}.{k}{v}" for m, variants in (("triton", ("", ":chunked")), ("triton_mamba2", ("",)))
+           for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel") for v in variants}
+KERNELS.add("triton_logits._logits_kernel")
+# What each kernel may load before griddepcontrol.wait: never what the previous kernel writes (kernel 1 <-
+# the previous block's kernel 3: stream, sums of squares; kernel 2 <- kernel 1: x_proj partials, conv
+# output, z; kernel 3 <- kernel 2: y). Weights never change; a layer's states were last written by the
+# same kernel one token earlier, and kernel 3's residual by kernel 1 or the previous block's kernel 3,
+# which all finished before the previous kernel passed its own wait (kernels/pdl.py).
+PRE_WAIT_ALLOWED = {
+    "_in_conv_kernel": {"nw_ptr", "win_ptr", "cw_ptr", "cb_ptr", "cs_ptr", "wx_ptr"},
+    "_scan_kernel": {"wdt_ptr", "dtb_ptr", "A_ptr", "D_ptr", "st_ptr"},
+    "_out_kernel": {"wo_ptr", "res_in_ptr"},
+    "_logits_kernel": {"nw_ptr", "w_ptr"},
+}
 
 
 def compile_kernels(arch: int, use_pdl: bool) -> dict[str, dict]:
@@ -38,8 +52,14 @@ def test_hopper_kernels_wait_before_any_access_and_prefetch_their_weights():
     assert set(rows) == KERNELS
     for name, row in rows.items():
         assert row["launch_pdl"] and row["gdc_wait"] and row["gdc_launch_dependents"], name
-        assert row["prefetches"] > 0, name
-        assert row["ordered"], f"{name}: a global load or store comes before griddepcontrol.wait"
+        assert row["ordered"], f"{name}: a prefetch after, or a global store before, griddepcontrol.wait"
+        base = name.split(".")[1].split(":")[0]
+        early = set(row["pre_wait_loads"])
+        assert early <= PRE_WAIT_ALLOWED[base], f"{name} reads {early - PRE_WAIT_ALLOWED[base]} before the wait"
+        if name.startswith(("triton.", "triton_logits.")) and ":" not in name:  # weights loaded early
+            assert {"win_ptr", "wdt_ptr", "wo_ptr", "w_ptr"} & early, name
+        else:
+            assert row["prefetches"] > 0 and not early, name
         assert row["cubin_bytes"] > 0
 
 
@@ -48,6 +68,7 @@ def test_without_pdl_the_kernels_have_none_of_it():
     assert set(rows) == KERNELS
     for name, row in rows.items():
         assert not (row["launch_pdl"] or row["gdc_wait"] or row["gdc_launch_dependents"] or row["prefetches"]), name
+        assert not row["pre_wait_loads"], name  # no wait: nothing counts as before it
 
 
 def test_pdl_enabled_rule(monkeypatch):
