@@ -60,7 +60,8 @@ from core.cache import InferenceCache
 from core.layers.mamba1 import Mamba1
 from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
-from kernels.mamba_decode import (mamba1_decode_backend, mamba1_decode_block, mamba2_decode_backend,
+from kernels.mamba_decode import (decode_logits, decode_logits_backend, decode_logits_unsupported,
+                                  mamba1_decode_backend, mamba1_decode_block, mamba2_decode_backend,
                                   mamba2_decode_block)
 from kernels.norm import rms_norm
 
@@ -151,6 +152,18 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
     return [isinstance(block.mixer, Mamba1) and block.mixer.fused_step_unsupported() is None for block in layers]
 
 
+def fused_logits(model: nn.Module, batch_size: int = 1, device: torch.device | str | None = None) -> bool:
+    """Whether :func:`decode_step` ends with the one-kernel final norm + LM head + float32 logits
+    (``kernels.mamba_decode.decode_logits``): a standard :class:`CausalLM` with a bias-free LM head, on a
+    device where that op picks its Triton backend, for batches the kernel takes (at most 4 rows)."""
+    if not _fusable(model) or getattr(model.lm_head, "bias", None) is not None:
+        return False
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    if decode_logits_backend(device) != "triton":
+        return False
+    return decode_logits_unsupported(batch_size, model.config.d_model, model.lm_head.weight.dtype) is None
+
+
 def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
                         device: torch.device | str | None = None) -> list[bool]:
     """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it as one fused Mamba-2
@@ -172,6 +185,11 @@ def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
     (benchmarks print it)."""
     if not _fusable(model):
         return "the model's own forward"
+    path = _blocks_path(model, batch_size)
+    return f"{path}; logits in one kernel" if fused_logits(model, batch_size) else path
+
+
+def _blocks_path(model: nn.Module, batch_size: int) -> str:
     fused1 = fused_mamba1_blocks(model, batch_size)
     fused2 = fused_mamba2_blocks(model, batch_size)
     n1, n2, total = sum(fused1), sum(fused2), len(fused1)
@@ -228,12 +246,16 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
         out = block.mixer(h.to(block.norm.weight.dtype), cache=layer_cache)
         if isinstance(out, tuple):  # the MoE's (y, aux)
             out = out[0]
+    cache.seqlen_offset += 1
+    if fused_logits(model, input_ids.shape[0], out.device if out is not None else residual.device):
+        return decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
+                             backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
+                             model.config.vocab_size, stream_dtype)
     if out is None:
         hidden = rms_norm(residual, backbone.norm_f.weight, backbone.norm_f.eps)
     else:
         hidden, _ = rms_norm(out, backbone.norm_f.weight, backbone.norm_f.eps, residual=residual,
                              residual_out_dtype=stream_dtype)
-    cache.seqlen_offset += 1
     logits = model.lm_head(hidden[:, 0].to(model.lm_head.weight.dtype))
     return logits[..., : model.config.vocab_size].float()
 
@@ -286,7 +308,8 @@ class CUDAGraphRunner:
         with torch.cuda.stream(side):
             for _ in range(max(1, warmup_steps)):
                 self.cache.reset()  # each warm-up step writes slot 0: no overflow whatever max_seqlen
-                decode_step(model, self.input_ids, self.cache)
+                self._pick_greedy(decode_step(model, self.input_ids, self.cache))
+            self.input_ids.zero_()
         torch.cuda.current_stream(device).wait_stream(side)
         self.cache.reset()
         graph = torch.cuda.CUDAGraph()
@@ -294,6 +317,7 @@ class CUDAGraphRunner:
         # private memory pool and is rewritten by every replay.
         with torch.cuda.graph(graph):
             self.logits = decode_step(model, self.input_ids, self.cache)
+            self._pick_greedy(self.logits)
         self.graph = graph
         self.cache.reset()  # the host counters moved during capture
 
@@ -363,15 +387,28 @@ class CUDAGraphRunner:
         return static_ids, logits, graph
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed token int64 [B]; returns the next logits float32 [B, vocab_size] (a static buffer,
+    def _pick_greedy(self, logits: torch.Tensor) -> None:
+        # The greedy pick of these logits becomes the next input: greedy decoding feeds nothing from
+        # the host (``step(None)``), one kernel instead of a pick and a copy outside the graph.
+        torch.argmax(logits, dim=-1, out=self.input_ids)
+
+    @property
+    def greedy_token(self) -> torch.Tensor:
+        """int64 [B]: the argmax of the last step's logits (a static buffer: the next step's input unless
+        a token is fed; read or copy it before calling :meth:`step` again)."""
+        return self.input_ids
+
+    def step(self, token: torch.Tensor | None) -> torch.Tensor:
+        """Feed token int64 [B], or None to feed :attr:`greedy_token` (the argmax of the previous step's
+        logits: greedy decoding); returns the next logits float32 [B, vocab_size] (a static buffer,
         overwritten by the next step: read or copy it before calling again)."""
         seen = self.cache.seqlen_offset
         if seen >= self.cache.max_seqlen:
             # Checked on the host: past the buffers, a replay would write out of bounds.
             raise ValueError(f"the decoding cache is full ({seen} of max_seqlen={self.cache.max_seqlen} "
                              "tokens); allocate a longer one")
-        self.input_ids.copy_(token)
+        if token is not None:
+            self.input_ids.copy_(token)
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -379,6 +416,7 @@ class CUDAGraphRunner:
             if model is None:
                 raise RuntimeError("the model of this CUDAGraphRunner was garbage collected")
             self.logits = decode_step(model, self.input_ids, self.cache)
+            self._pick_greedy(self.logits)
         # A replay advances the device counters only; the host counters follow here.
         self.cache.seqlen_offset = seen + 1
         for layer in self._counted:

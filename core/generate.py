@@ -247,9 +247,15 @@ def generate(
         samples = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         steps = 0
+        # Greedy through a graph runner: each step picks its argmax inside the graph and feeds it to the next.
+        greedy_runner = decoder is not None and (temperature == 0 or top_k == 1)
         for step in range(max_new_tokens):
-            sampled = sample_next_token(next_logits, temperature, top_k, top_p, generator)
-            samples[:, step] = sampled
+            if greedy_runner and step > 0:
+                samples[:, step] = runner.greedy_token  # = the argmax of next_logits
+                sampled = samples[:, step]
+            else:
+                sampled = sample_next_token(next_logits, temperature, top_k, top_p, generator)
+                samples[:, step] = sampled
             steps = step + 1
             if on_token is not None:
                 on_token(step, torch.where(finished, torch.full_like(sampled, pad_token_id), sampled))
@@ -261,7 +267,7 @@ def generate(
                 break
             # A finished row keeps decoding its own sample (a valid id; pad_token_id may not be one);
             # what it samples is replaced by pads below.
-            next_logits = step_fn(sampled)
+            next_logits = step_fn(None if greedy_runner and step > 0 else sampled)
     finally:
         model.train(was_training)
 

@@ -21,8 +21,8 @@ pytest.importorskip("triton")
 import core.cuda_graph as cuda_graph  # noqa: E402
 from core.backbone import CausalLM  # noqa: E402
 from core.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig  # noqa: E402
-from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_mamba1_blocks,  # noqa: E402
-                             fused_mamba2_blocks)
+from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_logits,  # noqa: E402
+                             fused_mamba1_blocks, fused_mamba2_blocks)
 from core.generate import generate  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
 
@@ -92,6 +92,21 @@ def test_fused_step_equals_op_by_op_step(pattern, batch, overrides, monkeypatch)
             assert rel(layer_f.ssm_state, layer_p.ssm_state) < 1e-5
             assert rel(layer_f.conv_state, layer_p.conv_state) < 1e-5
     assert cache_f.seqlen_offset == cache_p.seqlen_offset == 8
+
+
+@pytest.mark.parametrize("pattern", ["SS", "S*S-"])  # the last block fused (stream in residual) or not
+def test_logits_in_one_kernel(pattern):
+    """The step's end as one kernel (final norm + LM head + float32 logits, kernels.mamba_decode.decode_logits)
+    equals the op-by-op end; it is used for at most 4 rows."""
+    model = build(config(pattern))
+    assert not fused_logits(model, 2)  # CPU default: the reference backend
+    with forced_backend("triton", "decode_logits"):
+        assert fused_logits(model, 2) and not fused_logits(model, 5)
+        assert decode_step_path(model, 2).endswith("logits in one kernel")
+        fused, _ = teacher_forced(model, 2, 3, fused=True)
+    plain, _ = teacher_forced(model, 2, 3, fused=True)
+    assert fused.shape == plain.shape and rel(fused, plain) < 1e-5
+    assert not torch.equal(fused, plain)  # the kernel did run: other orders of additions
 
 
 def test_bfloat16_model():
