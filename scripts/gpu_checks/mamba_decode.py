@@ -26,7 +26,7 @@ checked against the default tiles first).
 The benchmark also times each fused step with programmatic dependent launch off (``SSM_SUITE_PDL=0``).
 ``--scan-step`` runs only the batch-16 / 64 op-by-op step with dt_proj inside the scan kernel
 (``kernels.mamba_decode.mamba1_scan_step``) against dt_proj as its own matmul: teacher-forced logits
-and step times.
+and step times; then the step time at batch 64 under the scan kernel's tile settings in ``SCAN_SWEEP``.
 
 Run on the GPU machine:  PYTHONPATH=. python3 scripts/gpu_checks/mamba_decode.py [--sweep] [--generate]
 (``--generate`` then runs ``scripts/bench_generate.py --only throughput --presets mamba1-130m``, mamba_ssm
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import kernels.mamba_decode.triton as mdt  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
-from kernels.mamba_decode import mamba1_decode_block, mamba2_decode_block  # noqa: E402
+from kernels.mamba_decode import decode_logits, mamba1_decode_block, mamba2_decode_block  # noqa: E402
 from scripts.gpu_checks import check_row, compile_only_launches, graph_ms, nbytes, rel  # noqa: E402
 
 DEV = "cuda"
@@ -64,6 +64,7 @@ MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
 OP2 = "mamba2_decode_block"
 OP_SCAN = "mamba1_scan_step"  # dt_proj + scan in one kernel: the op-by-op step's tail at batch > 4
+OP_LOGITS = "decode_logits"  # final norm + LM head + float32 logits in one kernel (batch <= 4)
 PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
 SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
@@ -77,13 +78,15 @@ STEPS = 64
 LARGE_BATCH = 90_000  # x 1536 x 16 state elements > 2^31
 # Tile settings the sweep times: (batch, TILES override).
 SWEEP = [
-    (1, {"small": {**mdt.TILES["small"], "BC": 8}}),
-    (1, {"small": {**mdt.TILES["small"], "BN": 4}}),
-    (1, {"small": {**mdt.TILES["small"], "BN": 16, "BD": 16}}),
-    (1, {"small": {**mdt.TILES["small"], "part": False}}),
-    (1, {"small": {**mdt.TILES["small"], "elems": 8192}}),
-    (64, {"large": {**mdt.TILES["large"], "BC": 64}}),
-    (64, {"large": {**mdt.TILES["large"], "BB1": 32, "BB3": 16, "BN": 16}}),
+    (1, {"small": {**mdt.TILES["small"], "pre": False}}),  # chunked kernels, loads after the wait
+    (1, {"small": {**mdt.TILES["small"], "BN": 2}}),
+    (1, {"small": {**mdt.TILES["small"], "warps3": 2}}),
+    (1, {"small": {**mdt.TILES["small"], "BD": 16}}),
+    (2, {"small": dict(mdt.TILES["small"])}),  # the defaults at batch 2 and 4
+    (2, {"small": {**mdt.TILES["small"], "pre": False}}),
+    (4, {"small": dict(mdt.TILES["small"])}),
+    (4, {"small": {**mdt.TILES["small"], "pre": False}}),
+    (4, {"small": {**mdt.TILES["small"], "warps3": 8}}),
 ]
 
 
@@ -232,6 +235,41 @@ def _m2_block_checks() -> list[dict]:
     return rows
 
 
+def _logits_args(batch: int, dtype: torch.dtype, stream: str, seed: int = 0) -> dict:
+    """The end of a mamba1-130m step: stream [B, 768], final norm, LM head [50280, 768], 50277 logits."""
+    dm = _shape()["d_model"]
+    vocab, padded = (50277, 50280) if not SMOKE else (83, 96)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    return dict(x=rnd(batch, dm).to(dtype) if stream != "res" else None,
+                residual=3 * rnd(batch, dm) if stream != "x" else None, norm_weight=(1 + 0.2 * rnd(dm)).to(dtype),
+                norm_eps=1e-5, lm_head_weight=(rnd(padded, dm) / dm**0.5).to(dtype), vocab_size=vocab,
+                residual_dtype=torch.float32)
+
+
+def _logits(backend: str, args: dict) -> torch.Tensor:
+    with forced_backend(backend, OP_LOGITS):
+        return decode_logits(**args)
+
+
+def _logits_checks() -> list[dict]:
+    """decode_logits (one kernel) against the op-by-op end in float64, next to the op-by-op bf16 end."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, stream in ((1, "res"), (1, "x+res"), (3, "res"), (4, "x")):
+            args = _logits_args(batch, dtype, stream, seed=batch)
+            ours, low = _logits("triton", args), _logits("reference", args)
+            truth = _logits("reference", {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                            | {"residual_dtype": torch.float64})
+            err, base = rel(ours, truth), rel(low, truth)
+            same_argmax = bool((ours.argmax(-1) == low.argmax(-1)).all())
+            tol = 3 * base + 1e-4 if dtype == torch.bfloat16 else 1e-5
+            row = check_row(f"decode_logits vs f64 ({stream})", (batch, _shape()["d_model"], args["vocab_size"]),
+                            dtype, err, None, tol, note=f"op-by-op vs f64 {base:.1e}; argmax equal: {same_argmax}")
+            rows.append(row)
+    return rows
+
+
 def _large_check() -> list[dict]:
     """64-bit offsets: the SSM state of LARGE_BATCH rows passes 2^31 elements; rows at both ends."""
     if SMOKE:
@@ -287,7 +325,8 @@ def _step_path(backend: str):
     cuda_graph.FUSED_MAMBA1_MAX_BATCH = cuda_graph.FUSED_MAMBA2_MAX_BATCH = None
     os.environ[FUSED_MAMBA2_ENV] = "1" if backend == "triton" else "0"
     try:
-        with forced_backend(backend, OP), forced_backend(backend, OP2), forced_backend(backend, OP_SCAN):
+        with (forced_backend(backend, OP), forced_backend(backend, OP2), forced_backend(backend, OP_SCAN),
+              forced_backend(backend, OP_LOGITS)):
             yield
     finally:
         cuda_graph.FUSED_MAMBA1_MAX_BATCH, cuda_graph.FUSED_MAMBA2_MAX_BATCH = limits
@@ -424,12 +463,63 @@ def _scan_step_rows(batches=(16, 64)):
     return rows, times
 
 
+# Tile settings of the scan-step kernel (mamba1_scan_step: the op-by-op step's tail past batch 4) that
+# --scan-step times at batch 64: TILES["large"] overrides.
+SCAN_SWEEP = [
+    {"BB2": 16, "BD": 16},
+    {"BB2": 32, "BD": 16},
+    {"BB2": 8, "BD": 32},
+    {"BB2": 4, "BD": 32},
+    {"BB2": 8, "BD": 16},
+]
+
+
+def _scan_sweep_rows(batch: int = 64):
+    """Yields one row per SCAN_SWEEP setting: the step time of decode_step's default path at ``batch``,
+    after checking the setting's scan-step output against the default tiles' on real-shape inputs."""
+    from kernels.mamba_decode import mamba1_scan_step
+
+    model = build_model()
+    batch = batch if not SMOKE else 6
+    d = _shape()
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    dtype = torch.bfloat16 if not SMOKE else torch.float32
+    di, n, r = d["d_inner"], d["d_state"], d["dt_rank"]
+    inputs = dict(x=rnd(batch, di).to(dtype), z=rnd(batch, di).to(dtype), x_dbl=rnd(batch, r + 2 * n).to(dtype),
+                  dt_proj_weight=(rnd(di, r) / r**0.5).to(dtype), dt_bias=0.5 * rnd(di) - 2,
+                  A=-torch.exp(0.5 * rnd(di, n)), D=rnd(di))
+    state = rnd(batch, di, n)
+
+    def scan():
+        s = state.clone()
+        with forced_backend("triton", OP_SCAN):
+            return mamba1_scan_step(s, **inputs), s
+
+    want = scan()
+    default = dict(mdt.TILES)
+    for override in [{}] + SCAN_SWEEP:
+        mdt.TILES = {**default, "large": {**default["large"], **override}}
+        try:
+            got = scan()
+            err = max(rel(got[0], want[0].double()), rel(got[1], want[1].double()))
+            runner = _scan_runner(model, batch, 64, "triton")
+            _prefill(model, runner, batch)
+            ms = _time_replays(runner)
+            del runner
+        finally:
+            mdt.TILES = default
+        yield {"kernel": f"scan-step tiles {override or 'default'}", "shape": f"batch {batch}", "ours_fwd_ms": ms,
+               "note": f"vs default tiles {err:.1e}"}
+
+
 def _m2_model_checks() -> list[dict]:
     return _model_checks("mamba2")
 
 
 def run_checks() -> list[dict]:
-    return _block_checks() + _large_check() + _model_checks() + _m2_block_checks() + _m2_model_checks()
+    return (_block_checks() + _large_check() + _logits_checks() + _model_checks() + _m2_block_checks()
+            + _m2_model_checks())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,6 +568,15 @@ def _block_ms(backend: str, args: dict, pdl: bool = True) -> float | None:
     return graph_ms(go)
 
 
+def _timed(fn) -> float:
+    """ms of one call, from a CUDA graph (wall time of one call under --cpu-smoke)."""
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return graph_ms(fn)
+
+
 def _bench_rows(batches=(1, 64), family: str = "mamba1"):
     """Yields the benchmark rows (a generator, so that a caller prints each as it comes)."""
     model = build_model(family)
@@ -495,6 +594,12 @@ def _bench_rows(batches=(1, 64), family: str = "mamba1"):
         yield {"kernel": f"{family} decode step, {n_layers} blocks (fused with PDL / without)",
                "shape": f"batch {batch}", "ours_fwd_ms": times[True, True], "baseline_fwd_ms": times[True, False],
                "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
+        if family == "mamba1" and batch <= 4:
+            largs = _logits_args(batch, torch.bfloat16 if not SMOKE else torch.float32, "res")
+            yield {"kernel": "step end: final norm + LM head + float logits (one kernel / op by op)",
+                   "shape": f"batch {batch}", "ours_fwd_ms": _timed(lambda: _logits("triton", largs)),
+                   "baseline_fwd_ms": _timed(lambda: _logits("reference", largs)), "ours_fwdbwd_ms": None,
+                   "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(largs["lm_head_weight"])}
         make = block_args2 if family == "mamba2" else block_args
         args = make(batch, torch.bfloat16 if not SMOKE else torch.float32, "res+ssq")
         yield {"kernel": f"one {family} block step (fused / op-by-op)", "shape": f"batch {batch}",
@@ -633,6 +738,10 @@ def main() -> None:
         for row in times:
             ours, base = row["ours_fwd_ms"], row["baseline_fwd_ms"]
             print(f"| {row['kernel']} | {row['shape']} | {_fmt(ours)} | {_fmt(base)} | {base / ours:.2f}x |")
+        print("\n| setting | shape | step ms | note |\n|---|---|---|---|", flush=True)
+        for row in _guarded(_scan_sweep_rows()):
+            print(f"| {row['kernel']} | {row['shape']} | {_fmt(row.get('ours_fwd_ms'))} | {row.get('note', '')} |",
+                  flush=True)
         return
     if not SMOKE:
         try:
@@ -643,7 +752,8 @@ def main() -> None:
     if not args.skip_checks:
         print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|", flush=True)
         failed = 0
-        mamba1 = () if MAMBA2_ONLY else (_block_checks, *(() if args.skip_large else (_large_check,)), _model_checks)
+        mamba1 = () if MAMBA2_ONLY else (_block_checks, *(() if args.skip_large else (_large_check,)), _logits_checks,
+                                         _model_checks)
         for group in (*mamba1, _m2_block_checks, _m2_model_checks):
             try:
                 rows = group()
