@@ -513,7 +513,9 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
                    warps1=t["warps1"], warps3=t["warps3"])
     cfg["BR"] = max(16, br) if cfg["DOT2"] else br
     cfg["BNS"] = bns
-    cfg["warps2"] = 8 if cfg["BB2"] * cfg["BD"] * bns > 4096 else 4
+    cfg["warps2"] = TILES["small"].get("warps2") or (8 if cfg["BB2"] * cfg["BD"] * bns > 4096 else 4)
+    if cfg["DOT"]:
+        cfg["warps2"] = 8 if cfg["BB2"] * cfg["BD"] * bns > 4096 else 4
     cfg["NP"] = cdiv(d_inner, cfg["BC"])
     # x_proj through kernel 1's partials only while the scan kernel's re-reading of them (every channel
     # block and batch tile reads all of its rows' partials) stays well under in_proj's weight bytes, and

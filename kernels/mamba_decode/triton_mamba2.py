@@ -24,7 +24,13 @@ out_proj) plus the copies that reshape in_proj's split output at batch > 1. This
 
 Products use ``kernels.mamba_decode.triton._mm`` (register GEMV tiles up to ``TILES["small_batch"]``
 rows, tl.dot above) and its interpreter-safe rounding. Offsets are int64. Float64 models are not taken
-(the caller checks :func:`unsupported`). Not yet run on a GPU (docs/kernels/mamba_decode.md).
+(the caller checks :func:`unsupported`).
+
+At small batches (``PRE1`` / ``PRE2`` / ``PRE3``, as in the Mamba-1 kernels) each kernel loads its whole
+weight rows and its layer's state before waiting for the previous kernel (programmatic dependent launch,
+``kernels/pdl.py``: nothing it loads there is written by that kernel) and then issues its remaining loads
+together. On an H100 that took mamba2-130m's batch-1 step from 0.40 to 0.28 ms
+(docs/kernels/mamba_decode.md).
 """
 
 from __future__ import annotations
@@ -35,17 +41,22 @@ import triton.language as tl
 
 from kernels.host import cdiv
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
-from kernels.mamba_decode.triton import MAX_ROWS, MAX_WIDTH, _clamp, _mm, _norm_in_proj, _pow2, _round, _rows, _store_residual
+from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _clamp, _conv_inputs, _load_stream, _mm, _norm_in_proj,
+                                         _pick, _pow2, _round, _rows, _store_residual)
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
 MAX_DSTATE = 256
 MAX_HEADDIM = 256
 
 # Tiles: batches up to "small_batch" rows take register GEMV products, larger ones tl.dot. "elems": the
-# register elements of one broadcast product [BB, BC, BK]; "state": elements of kernel 2's state tile.
+# register elements of one broadcast product [BB, BC, BK]; "state": elements of kernel 2's state tile;
+# "pre" (GEMV only): kernels that load whole rows and their state before waiting for the previous kernel
+# (the Mamba-1 kernels' scheme, ``triton.TILES``), where a whole-row product stays within
+# "pre_elems_per_warp" register elements a warp at up to "pre_max_warps" warps (kernel 3: one norm group).
 TILES = {
     "small_batch": 4,
-    "small": {"BC": 16, "BN": 8, "elems": 4096, "warps": 4},
+    "small": {"BC": 16, "BN": 4, "elems": 4096, "warps": 4, "pre": True, "pre_elems_per_warp": 8192,
+              "pre_max_warps": 8},
     "large": {"BB1": 64, "BC": 32, "BK1": 64, "BB3": 32, "BN": 32, "BK3": 64, "warps1": 8, "warps3": 4},
     "state": 4096,
 }
@@ -65,8 +76,8 @@ def _in_conv_kernel(
     DM: tl.constexpr, DI: tl.constexpr, CD: tl.constexpr, NR: tl.constexpr, W: tl.constexpr, NQ: tl.constexpr,
     HAS_X: tl.constexpr, HAS_RES: tl.constexpr, HAS_SSQ: tl.constexpr, HAS_CB: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
+    BB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr, BW: tl.constexpr, BWW: tl.constexpr,
+    PRE: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPD: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
@@ -78,37 +89,60 @@ def _in_conv_kernel(
     omask = orow < NR
     is_conv = (orow >= DI) & (orow < DI + CD)
     chan = tl.where(is_conv, orow - DI, 0)
-
-    # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_rows_l2(win_ptr, orow, omask, stride_wi0, DM, LINE, LPD, PDL)
-    lcol = tl.arange(0, LPD) * LINE
-    prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
-    prefetch_l2(cw_ptr + chan * stride_cw0, is_conv, cw_ptr, PDL)
-    prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
-                rmask[:, None] & is_conv[None, :], cs_ptr, PDL)
-    wait_for_prior_kernel(PDL)
-    v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, orow, omask, pid_c == 0,
-                      eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
-                      HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
     mask = rmask[:, None] & omask[None, :]
-
-    # Depthwise causal conv + SiLU over the xBC rows (masked elsewhere), adding in the order of the
-    # op-by-op conv step. The window is read whole and rewritten shifted only after a barrier: a small
-    # tile is replicated over threads, and no replica may overwrite an entry another has yet to read.
     cmask = mask & is_conv[None, :]
     kk = tl.arange(0, BW)
     kmask3 = cmask[:, :, None] & (kk[None, None, :] < W - 1)
     win = (cs_ptr + rows[:, None, None] * stride_csb + chan[None, :, None] * stride_csd
            + kk[None, None, :] * stride_csk)
-    old = tl.load(win, mask=kmask3, other=0.0)
-    wcol = cw_ptr + chan * stride_cw0
+
+    if PRE:
+        # What the previous kernel does not write, before waiting for it (the Mamba-1 kernel 1's scheme,
+        # kernels/mamba_decode/triton.py): the whole in_proj rows, the norm weight, the conv weights and
+        # this layer's conv window. After the wait only the stream's row is read.
+        kc = tl.arange(0, BK)
+        kcmask = kc < DM
+        w_in = tl.load(win_ptr + orow[:, None] * stride_wi0 + kc[None, :] * stride_wi1,
+                       mask=omask[:, None] & kcmask[None, :], other=0.0)
+        nw = tl.load(nw_ptr + kc, mask=kcmask, other=0.0).to(tl.float32)
+        old, cwt, bias, _ = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, cw_ptr, chan, is_conv, stride_cw0, stride_cw1,
+                                         0, 0, 1, W, HAS_CB, False, 1, BWW)
+        wait_for_prior_kernel(PDL)
+        rkmask = rmask[:, None] & kcmask[None, :]
+        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, kc, rkmask, stride_xb, stride_rb, HAS_X, HAS_RES)
+        if HAS_X:
+            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
+                tl.store(stream_ptr + rows[:, None] * stride_sb + kc[None, :], h.to(stream_ptr.dtype.element_ty),
+                         mask=rkmask)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
+        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
+        v = _round(tl.sum(hn.to(tl.float32)[:, None, :] * w_in.to(tl.float32)[None, :, :], axis=2), wdt)
+    else:
+        # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
+        prefetch_rows_l2(win_ptr, orow, omask, stride_wi0, DM, LINE, LPD, PDL)
+        lcol = tl.arange(0, LPD) * LINE
+        prefetch_l2(nw_ptr + lcol, lcol < DM, nw_ptr, PDL)
+        prefetch_l2(cw_ptr + chan * stride_cw0, is_conv, cw_ptr, PDL)
+        prefetch_l2(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd,
+                    rmask[:, None] & is_conv[None, :], cs_ptr, PDL)
+        wait_for_prior_kernel(PDL)
+        v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, orow, omask, pid_c == 0,
+                          eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM, NQ, HAS_X,
+                          HAS_RES, HAS_SSQ, DOT, IEEE, BB, BC, BK, BQ)
+        old, cwt, bias, _ = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, cw_ptr, chan, is_conv, stride_cw0, stride_cw1,
+                                         0, 0, 1, W, HAS_CB, False, 1, BWW)
+
+    # Depthwise causal conv + SiLU over the xBC rows (masked elsewhere), adding in the order of the
+    # op-by-op conv step. The window is read whole and rewritten shifted only after a barrier: a small
+    # tile is replicated over threads, and no replica may overwrite an entry another has yet to read.
+    kw = tl.arange(0, BWW)
     y = tl.zeros([BB, BC], dtype=tl.float32)
     if HAS_CB:
-        y += tl.load(cb_ptr + chan, mask=is_conv, other=0.0).to(tl.float32)[None, :]
-    y += tl.load(wcol + (W - 1) * stride_cw1, mask=is_conv, other=0.0).to(tl.float32)[None, :] * v.to(tl.float32)
+        y += bias[None, :]
+    y += _pick(cwt, kw, W - 1)[None, :] * v.to(tl.float32)
     for k in tl.static_range(0, W - 1):
         col = tl.sum(tl.where(kk[None, None, :] == k, old.to(tl.float32), 0.0), axis=2)  # exact pick
-        y += tl.load(wcol + k * stride_cw1, mask=is_conv, other=0.0).to(tl.float32)[None, :] * col
+        y += _pick(cwt, kw, k)[None, :] * col
     tl.debug_barrier()
     tl.store(win - stride_csk, old, mask=kmask3 & (kk[None, None, :] >= 1))
     tl.store(cs_ptr + rows[:, None] * stride_csb + chan[None, :] * stride_csd + (W - 2) * stride_csk,
@@ -118,13 +152,29 @@ def _in_conv_kernel(
 
 
 @triton.jit
+def _head_params(dtb_ptr, A_ptr, D_ptr, h, p, pmask, P: tl.constexpr, HAS_D: tl.constexpr, D_PER_DIM: tl.constexpr):
+    """Kernel 2's constants of head h: dt_bias, A (float32 scalars) and D (per channel p, or the head's
+    scalar; 0 without D)."""
+    dtb = tl.load(dtb_ptr + h).to(tl.float32)
+    Ah = tl.load(A_ptr + h).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        if D_PER_DIM:
+            Dv = tl.load(D_ptr + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    return dtb, Ah, Dv
+
+
+@triton.jit
 def _scan_kernel(
     zxd_ptr, dtb_ptr, A_ptr, D_ptr, st_ptr, y_ptr, part_ptr,
     dt_min, dt_max,
     stride_zb, stride_sb, stride_sh, stride_sp, stride_sn, stride_yb, stride_pp,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, DI: tl.constexpr, CD: tl.constexpr,
     NPB: tl.constexpr, HAS_D: tl.constexpr, D_PER_DIM: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPN: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
+    LPN: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1)
@@ -137,34 +187,39 @@ def _scan_kernel(
     nmask = n < N
     wdt = y_ptr.dtype.element_ty
     row = zxd_ptr + b * stride_zb  # z | x | B | C | dt of this batch row (kernel 1's output)
-    # This head's state rows and constants into L2 while the previous kernel finishes (kernels/pdl.py).
-    prefetch_rows_l2(st_ptr + b * stride_sb + h * stride_sh, p, pmask, stride_sp, N, LINE, LPN, PDL)
-    prefetch_l2(A_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), A_ptr, PDL)
-    prefetch_l2(dtb_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), dtb_ptr, PDL)
+    st = st_ptr + b * stride_sb + h * stride_sh + p[:, None] * stride_sp + n[None, :] * stride_sn
+    smask = pmask[:, None] & nmask[None, :]
+    if PRE:
+        # This head's state (last written by this kernel one token earlier) and constants before the
+        # wait (kernels/pdl.py); after it, kernel 1's outputs in one round trip.
+        state = tl.load(st, mask=smask, other=0.0).to(tl.float32)
+        dtb, Ah, Dv = _head_params(dtb_ptr, A_ptr, D_ptr, h, p, pmask, P, HAS_D, D_PER_DIM)
+    else:
+        # This head's state rows and constants into L2 while the previous kernel finishes (kernels/pdl.py).
+        prefetch_rows_l2(st_ptr + b * stride_sb + h * stride_sh, p, pmask, stride_sp, N, LINE, LPN, PDL)
+        prefetch_l2(A_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), A_ptr, PDL)
+        prefetch_l2(dtb_ptr + h + tl.arange(0, 1), tl.full([1], True, tl.int1), dtb_ptr, PDL)
     wait_for_prior_kernel(PDL)
 
     raw = tl.load(row + DI + CD + h).to(tl.float32)
-    dtv, _ = _discretize(raw, tl.load(dtb_ptr + h).to(tl.float32), True, dt_min, dt_max)
-    decay = tl.exp(dtv * tl.load(A_ptr + h).to(tl.float32))
     xs = tl.load(row + DI + h * P + p, mask=pmask, other=0.0).to(tl.float32)
     Bs = tl.load(row + 2 * DI + g * N + n, mask=nmask, other=0.0).to(tl.float32)
     Cs = tl.load(row + 2 * DI + G * N + g * N + n, mask=nmask, other=0.0).to(tl.float32)
-    st = st_ptr + b * stride_sb + h * stride_sh + p[:, None] * stride_sp + n[None, :] * stride_sn
-    smask = pmask[:, None] & nmask[None, :]
-    state = tl.load(st, mask=smask, other=0.0).to(tl.float32)
+    z = tl.load(row + h * P + p, mask=pmask, other=0.0).to(tl.float32)
+    if not PRE:
+        state = tl.load(st, mask=smask, other=0.0).to(tl.float32)
+        dtb, Ah, Dv = _head_params(dtb_ptr, A_ptr, D_ptr, h, p, pmask, P, HAS_D, D_PER_DIM)
+    dtv, _ = _discretize(raw, dtb, True, dt_min, dt_max)
+    decay = tl.exp(dtv * Ah)
     state = decay * state + (dtv * xs)[:, None] * Bs[None, :]
     tl.debug_barrier()  # every replica of a state entry has read it before any rewrites it
     tl.store(st, state.to(st_ptr.dtype.element_ty), mask=smask)
     y = tl.sum(state * Cs[None, :], axis=1)
     if HAS_D:
-        if D_PER_DIM:
-            y += xs * tl.load(D_ptr + h * P + p, mask=pmask, other=0.0).to(tl.float32)
-        else:
-            y += xs * tl.load(D_ptr + h).to(tl.float32)
+        y += xs * Dv
     y = _round(y, wdt)  # ssd_step's output, in the weights' dtype
     tl.store(y_ptr + b * stride_yb + h * P + p, y, mask=pmask)
     # The gated norm's share of this program: sum over its channels of (y * silu(z))^2.
-    z = tl.load(row + h * P + p, mask=pmask, other=0.0).to(tl.float32)
     gated = tl.where(pmask, y.to(tl.float32) * z * tl.sigmoid(z), 0.0)
     tl.store(part_ptr + (h * NPB + pb) * stride_pp + b, tl.sum(gated * gated, axis=0))
 
@@ -176,13 +231,50 @@ def _out_kernel(
     stride_yb, stride_zb, stride_pp, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp,
     DM: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, NPG: tl.constexpr, DOT: tl.constexpr,
     IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
-    PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
+    PRE: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
     rmask = rows < batch
     cols = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
     nmask = cols < DM
+    wdt = wo_ptr.dtype.element_ty
+    if PRE:
+        # One norm group (G = 1) as whole rows (BK >= GS, BQ >= NPG). Before the wait: the out_proj rows,
+        # the gate norm's weight and the residual (written two or more kernels back: kernels/pdl.py);
+        # after it the partials, y and z in one round trip.
+        k = tl.arange(0, BK)
+        kmask = k < GS
+        w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1, mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)
+        gw = tl.load(gw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        res = tl.load(res_in_ptr + rows[:, None] * stride_rib + cols[None, :], mask=rmask[:, None] & nmask[None, :],
+                      other=0.0)
+        wait_for_prior_kernel(PDL)
+        q = tl.arange(0, BQ)
+        ps = tl.load(part_ptr + q[:, None].to(tl.int64) * stride_pp + rows[None, :],
+                     mask=(q[:, None] < NPG) & rmask[None, :], other=0.0)
+        m2 = rmask[:, None] & kmask[None, :]
+        yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        zv = tl.load(zxd_ptr + rows[:, None] * stride_zb + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(ps, axis=0) / GS + eps)
+        hn = _round(yv * zv * tl.sigmoid(zv) * rstd[:, None] * gw[None, :], wdt)  # the norm's output
+        acc = tl.sum(hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n,
+                        rows, cols, rmask, nmask, res, True)
+    else:
+        _out_chunked(y_ptr, zxd_ptr, part_ptr, gw_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr, eps, stride_yb,
+                     stride_zb, stride_pp, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp, pid_n, rows,
+                     rmask, cols, nmask, G, GS, NPG, DOT, IEEE, BB, BN, BK, BQ, PDL, LINE, LPI)
+
+
+@triton.jit
+def _out_chunked(y_ptr, zxd_ptr, part_ptr, gw_ptr, wo_ptr, res_in_ptr, res_out_ptr, ssq_ptr, eps, stride_yb,
+                 stride_zb, stride_pp, stride_w0, stride_w1, stride_rib, stride_rob, stride_qp, pid_n, rows, rmask,
+                 cols, nmask, G: tl.constexpr, GS: tl.constexpr, NPG: tl.constexpr, DOT: tl.constexpr,
+                 IEEE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BQ: tl.constexpr,
+                 PDL: tl.constexpr, LINE: tl.constexpr, LPI: tl.constexpr):
+    """Kernel 3 over any number of norm groups, in chunks of BK features after the wait."""
     # out_proj rows and the gate norm's weight into L2 while the previous kernel finishes (kernels/pdl.py).
     prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, G * GS, LINE, LPI, PDL)
     lcol = tl.arange(0, LPI) * LINE
@@ -248,6 +340,21 @@ def tiles(batch: int, d_model: int, d_inner: int, nheads: int, headdim: int, d_s
     cfg["NPB"] = cdiv(headdim, cfg["BP"])
     cfg["NPG"] = (nheads // ngroups) * cfg["NPB"]
     cfg["NQ"] = cdiv(d_model, cfg["BN"])
+    # Whole-row kernels (GEMV only; kernel 3 for one norm group): kernel 1 over all of d_model, kernel 3
+    # over all of d_inner, kernel 2 with its state loaded before the wait.
+    small = TILES["small"]
+    pre = not cfg["DOT"] and small["pre"]
+    per_warp, max_warps = small["pre_elems_per_warp"], small["pre_max_warps"]
+    products = {"1": cfg["BB1"] * cfg["BC"] * _pow2(d_model), "3": cfg["BB3"] * cfg["BN"] * _pow2(group_size)}
+    for k, elems in products.items():
+        cfg[f"PRE{k}"] = pre and elems <= per_warp * max_warps and (k == "1" or ngroups == 1)
+        if cfg[f"PRE{k}"]:
+            cfg[f"warps{k}"] = _clamp(elems // per_warp, cfg[f"warps{k}"], max_warps)
+    cfg["PRE2"] = pre
+    if cfg["PRE1"]:
+        cfg["BK1"] = _pow2(d_model)
+    if cfg["PRE3"]:
+        cfg["BK3"] = _pow2(group_size)
     return cfg
 
 
@@ -311,7 +418,8 @@ def mamba2_decode_block_op(
         HAS_X=x is not None, HAS_RES=residual is not None, HAS_SSQ=x is None and residual_sumsq is not None,
         HAS_CB=conv_bias is not None, DOT=cfg["DOT"], IEEE=ieee,
         BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BQ=_clamp(4096 // cfg["BB1"], 1, _pow2(nq_in)),
-        BW=_pow2(width - 1), PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"],
+        BW=_pow2(width - 1), BWW=_pow2(width), PRE=cfg["PRE1"], PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line),
+        num_warps=cfg["warps1"],
         launch_pdl=pdl,
     )
     _scan_kernel[(batch * nheads, cfg["NPB"])](
@@ -319,7 +427,7 @@ def mamba2_decode_block_op(
         zxd.stride(0), *ssm_state.stride(), y.stride(0), part.stride(0),
         H=nheads, G=ngroups, P=headdim, N=d_state, DI=d_inner, CD=conv_dim, NPB=cfg["NPB"],
         HAS_D=D is not None, D_PER_DIM=D is not None and D.dim() == 2, BP=cfg["BP"], BN=cfg["BNS"],
-        PDL=pdl, LINE=line_elems(ssm_state), LPN=lines_pow2(d_state, line_elems(ssm_state)),
+        PRE=cfg["PRE2"], PDL=pdl, LINE=line_elems(ssm_state), LPN=lines_pow2(d_state, line_elems(ssm_state)),
         num_warps=8 if cfg["BP"] * cfg["BNS"] > 2048 else 4, launch_pdl=pdl,
     )
     _out_kernel[(cfg["NQ"], cdiv(batch, cfg["BB3"]))](
@@ -327,7 +435,7 @@ def mamba2_decode_block_op(
         y.stride(0), zxd.stride(0), part.stride(0), *out_proj_weight.stride(), res_mid.stride(0),
         res_out.stride(0), ssq.stride(0),
         DM=d_model, G=ngroups, GS=d_inner // ngroups, NPG=cfg["NPG"], DOT=cfg["DOT"], IEEE=ieee,
-        BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"], BQ=_pow2(cfg["NPG"]), PDL=pdl, LINE=line,
+        BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"], BQ=_pow2(cfg["NPG"]), PRE=cfg["PRE3"], PDL=pdl, LINE=line,
         LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
     )
     return res_out, ssq

@@ -96,8 +96,9 @@ def pre_wait_load_sources(ptx: str, param_names: list[str]) -> set[str]:
 
 
 def record_launches(pdl: bool) -> list:
-    """The Triton launches of one fused Mamba-1 block step (whole-row kernels, then the chunked ones), the
-    one-kernel logits and one fused Mamba-2 block step (batch 1, bfloat16): (kernel, args, kwargs, label)."""
+    """The Triton launches of one fused Mamba-1 block step and one fused Mamba-2 block step, each with the
+    whole-row kernels and then the chunked ones, and of the one-kernel logits (batch 1, bfloat16):
+    (kernel, args, kwargs, label)."""
     import torch
 
     from kernels import pdl as pdl_module
@@ -135,12 +136,22 @@ def record_launches(pdl: bool) -> list:
                         torch.float32)
     heads, headdim, groups = 4, 32, 1
     conv_dim = di + 2 * groups * n
-    m2.mamba2_decode_block_op(
-        torch.zeros(1, conv_dim, w - 1, **bf), torch.zeros(1, heads, headdim, n), torch.zeros(1, dm, **bf),
-        torch.zeros(1, dm, **bf), torch.ones(dm, **bf), 1e-5, torch.zeros(di + conv_dim + heads, dm, **bf),
-        torch.zeros(conv_dim, w, **bf), torch.zeros(conv_dim, **bf), torch.zeros(heads), -torch.ones(heads),
-        torch.ones(heads), 0.0, float("inf"), torch.ones(di, **bf), 1e-5, torch.zeros(dm, di, **bf), torch.float32,
-        None)
+    def mamba2_step():
+        m2.mamba2_decode_block_op(
+            torch.zeros(1, conv_dim, w - 1, **bf), torch.zeros(1, heads, headdim, n), torch.zeros(1, dm, **bf),
+            torch.zeros(1, dm, **bf), torch.ones(dm, **bf), 1e-5, torch.zeros(di + conv_dim + heads, dm, **bf),
+            torch.zeros(conv_dim, w, **bf), torch.zeros(conv_dim, **bf), torch.zeros(heads), -torch.ones(heads),
+            torch.ones(heads), 0.0, float("inf"), torch.ones(di, **bf), 1e-5, torch.zeros(dm, di, **bf),
+            torch.float32, None)
+
+    mamba2_step()
+    tiles2 = m2.TILES
+    m2.TILES = {**tiles2, "small": {**tiles2["small"], "pre": False}}
+    _Recorder.label = ":chunked"
+    try:
+        mamba2_step()
+    finally:
+        m2.TILES, _Recorder.label = tiles2, ""
     return calls
 
 

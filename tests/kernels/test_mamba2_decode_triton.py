@@ -149,12 +149,14 @@ def test_bfloat16_stream():
 @pytest.mark.parametrize("override", [
     {"small_batch": 0},  # batch 3 through the tl.dot tiles
     {"small": {**m2.TILES["small"], "BC": 32, "BN": 16, "elems": 1024}},  # other GEMV tiles
+    {"small": {**m2.TILES["small"], "pre": False}},  # chunked GEMV kernels, loads after the wait
     {"large": {**m2.TILES["large"], "BB1": 16, "BC": 16, "BK1": 16, "BB3": 16, "BN": 16, "BK3": 16}},
 ])
-def test_tile_variants(override, monkeypatch):
+@pytest.mark.parametrize("ngroups", [1, 2])  # one norm group: kernel 3 over whole rows too
+def test_tile_variants(override, ngroups, monkeypatch):
     monkeypatch.setattr(m2, "TILES", {**m2.TILES, **override})
     batch = 3 if "small" in override or "small_batch" in override else 20
-    check_close(make(batch, stream="res+ssq", seed=5))
+    check_close(make(batch, stream="res+ssq", ngroups=ngroups, seed=5))
 
 
 def test_deterministic():
@@ -174,6 +176,10 @@ def test_tiles_choice():
     assert not small["DOT"] and large["DOT"]
     assert small["BP"] * small["BNS"] == 4096 and small["NPB"] == 2 and small["NPG"] == 48
     assert small["NQ"] == triton.cdiv(768, small["BN"])
+    # Whole rows before the wait at batch 1; kernel 3 only for one norm group.
+    assert small["PRE1"] and small["PRE2"] and small["PRE3"] and small["BK1"] == 1024 and small["BK3"] == 2048
+    assert not m2.tiles(1, 768, 1536, 24, 64, 128, 2)["PRE3"]
+    assert not (large["PRE1"] or large["PRE2"] or large["PRE3"])
 
 
 def test_library_op_checks():
