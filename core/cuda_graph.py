@@ -386,7 +386,6 @@ class CUDAGraphRunner:
         self.cache.reset()  # the capture ran no kernel, but the forward moved the host counters
         return static_ids, logits, graph
 
-    @torch.no_grad()
     def _pick_greedy(self, logits: torch.Tensor) -> None:
         # The greedy pick of these logits becomes the next input: greedy decoding feeds nothing from
         # the host (``step(None)``), one kernel instead of a pick and a copy outside the graph.
@@ -398,6 +397,7 @@ class CUDAGraphRunner:
         a token is fed; read or copy it before calling :meth:`step` again)."""
         return self.input_ids
 
+    @torch.no_grad()
     def step(self, token: torch.Tensor | None) -> torch.Tensor:
         """Feed token int64 [B], or None to feed :attr:`greedy_token` (the argmax of the previous step's
         logits: greedy decoding); returns the next logits float32 [B, vocab_size] (a static buffer,

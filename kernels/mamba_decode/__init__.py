@@ -24,7 +24,8 @@ from kernels.dispatch import choose_backend
 from kernels.mamba_decode.reference import (decode_logits_reference, mamba1_decode_block_reference,
                                              mamba1_scan_step_reference, mamba2_decode_block_reference)
 
-__all__ = ["decode_logits", "decode_logits_backend", "decode_logits_unsupported", "mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
+__all__ = ["decode_logits", "decode_logits_backend", "decode_logits_unsupported", "mamba1_decode_block",
+           "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
            "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
            "mamba2_decode_unsupported"]
 

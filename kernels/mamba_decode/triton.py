@@ -459,7 +459,8 @@ def _out_kernel(
         for k0 in range(0, DI, BK):
             k = k0 + tl.arange(0, BK)
             kmask = k < DI
-            yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            yv = tl.load(y_ptr + rows[:, None] * stride_yb + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
             w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1,
                         mask=nmask[:, None] & kmask[None, :], other=0.0)
             if DOT:

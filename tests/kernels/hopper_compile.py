@@ -181,7 +181,8 @@ def main() -> None:
             # every prefetch before the wait, and no global load or store before it
             "ordered": last("prefetch.global.L2") < first("griddepcontrol.wait") < first("st.global"),
             # what is loaded before the wait (must not be what the previous kernel writes)
-            "pre_wait_loads": sorted(name for name in pre_wait_load_sources(ptx, list(params)) if params[name][0] == "*"),
+            "pre_wait_loads": sorted(name for name in pre_wait_load_sources(ptx, list(params))
+                                     if params[name][0] == "*"),
             "cubin_bytes": len(compiled.asm["cubin"]),
         }), flush=True)
 

@@ -5,7 +5,8 @@ kernels, as the entry points launch them, for an H100 (sm_90) with the ptxas tha
 the inline PTX must assemble, the PDL instructions must be there, every L2 prefetch must precede the wait
 and the wait every global store, and a global load before the wait may read only what the previous kernel
 does not write (a backward slice of each load's address to the kernel argument it comes from): what
-makes PDL correct. For sm_80 (no PDL) none of it may appear. Whether PDL pays off is measured on the GPU (scripts/gpu_checks/mamba_decode.py)."""
+makes PDL correct. For sm_80 (no PDL) none of it may appear. Whether PDL pays off is measured on the GPU
+(scripts/gpu_checks/mamba_decode.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from kernels import pdl
 
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).resolve().parent / "hopper_compile.py"
-KERNELS = {f"{m}.{k}{v}" for m in ("triton", "triton_mamba2") for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel")
-           for v in ("", ":chunked")}
+KERNELS = {f"{m}.{k}{v}" for m in ("triton", "triton_mamba2")
+           for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel") for v in ("", ":chunked")}
 KERNELS.add("triton_logits._logits_kernel")
 # What each kernel may load before griddepcontrol.wait: never what the previous kernel writes (kernel 1 <-
 # the previous block's kernel 3: stream, sums of squares; kernel 2 <- kernel 1: x_proj partials, conv
