@@ -63,6 +63,8 @@ copy. Measured speed and the tile choice: docs/kernels/selective_scan.md.
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -498,7 +500,34 @@ def _scan_step_kernel(
 # optional "maxnreg_fwd" / "maxnreg_bwd": a register cap. With BLOCK_D = 32 x warps every lane owns one
 # channel and the whole [T, N] block of its states; smaller BLOCK_D puts 32 x warps / BLOCK_D lanes on N.
 # Chosen by timing on an H100 (docs/kernels/selective_scan.md); a benchmark may override them.
-TILES = {"fwd": (16, 8, 1), "bwd": (16, 4, 1), "chunk": 64, "stages_fwd": 3, "stages_bwd": 2}
+TILES = {"fwd": (16, 8, 1), "bwd": (16, 4, 1), "chunk": 64, "stages_fwd": 3, "stages_bwd": 2,
+         "fwd_min_programs": None, "fwd_min_block_d": 8}
+
+
+def _fwd_min_programs(device: torch.device) -> int:
+    """The forward's grid should have at least this many programs (``TILES["fwd_min_programs"]``; by
+    default 2 per SM on CUDA, none elsewhere)."""
+    if TILES.get("fwd_min_programs") is not None:
+        return int(TILES["fwd_min_programs"])
+    if device.type != "cuda" or _interpreting():
+        return 0
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _narrow_for_small_grid(block_d: int, rows: int, dg: int, min_programs: int) -> int:
+    """A narrower channel block where the grid would leave SMs idle. The forward runs one program per
+    (row, group, channel block) through the whole sequence, so a short prefill at batch 1 (mamba1-130m:
+    96 programs of one warp on 132 SMs) is bound by one warp's instructions per position; half the
+    channels per program halves them. Not below ``TILES["fwd_min_block_d"]``: with 4 channels the sum
+    over the state needs more lane shuffles, and an H100 measured it slower (docs/kernels/selective_scan.md)."""
+    while block_d > TILES["fwd_min_block_d"] and rows * cdiv(dg, block_d) < min_programs:
+        block_d //= 2
+    return block_d
 
 
 def _tiles(kind: str, dstate: int) -> tuple[int, int, int]:
@@ -657,6 +686,7 @@ def selective_scan_fwd(
     Bv, Cv = _bc4(_acc_copy(B), groups), _bc4(_acc_copy(C), groups)
     state_dtype = _state_dtype(u.dtype)
     block_d, t, warps = _tiles("fwd", dstate)
+    block_d = _narrow_for_small_grid(block_d, batch * groups, dg, _fwd_min_programs(u.device))
     if save_for_backward and TILES["chunk"] % t:
         t = TILES["bwd"][1]  # the checkpoints sit every CHUNK positions: a whole number of tiles
     k = max(1, TILES["chunk"] // t)

@@ -532,6 +532,31 @@ def _fmt_bench(row: dict) -> str:
             f"{ms(row.get('mamba_ssm_fwdbwd_ms'))} | {ratio}{graph} |")
 
 
+def _prefill_rows() -> list[str]:
+    """The forward at the batch-1 prefill shape (mamba1-130m, 512 tokens) with the channel block the
+    small-grid rule picks, beside the block of TILES["fwd"] (the rule off), and how far their outputs
+    are apart. Graph-replayed device time (``graph_ms``)."""
+    u, delta, A, B, C, D, z, bias, _ = _make(*_shape("prefill"), torch.bfloat16)
+
+    def fwd():
+        return sst.selective_scan_triton(u, delta, A, B, C, D, z, bias, True)
+
+    rows, outs = [], {}
+    for label, setting in (("small-grid rule (default)", None), ("TILES['fwd'] block (rule off)", 0)):
+        old = sst.TILES.get("fwd_min_programs")
+        sst.TILES["fwd_min_programs"] = setting
+        try:
+            outs[label] = fwd()
+            ms = graph_ms(fwd, smoke=SMOKE) if not SMOKE else None
+        finally:
+            sst.TILES["fwd_min_programs"] = old
+        rows.append((label, ms))
+    a, b = outs.values()
+    err = rel(a, b)  # the sum over the state runs over other lanes: equal up to the order of additions
+    return [f"| {label} | {_shape('prefill')} | {'-' if ms is None else f'{ms * 1e3:.1f} us'} | "
+            f"outputs differ by {err:.1e} |" for label, ms in rows]
+
+
 def main() -> None:
     import argparse
 
@@ -543,6 +568,8 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="leave out the >2^31-element check")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--cpu-smoke", action="store_true", help="CPU + Triton interpreter at tiny shapes")
+    parser.add_argument("--prefill", action="store_true",
+                        help="only the forward at the batch-1 prefill shape, with and without the small-grid rule")
     args = parser.parse_args()
     start = time.time()
     deadline = None if args.budget is None else start + args.budget
@@ -552,6 +579,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() and not SMOKE else 'cpu (interpreter)'}",
           flush=True)
+    if args.prefill:
+        print("| forward setting | shape | device time | note |\n|---|---|---|---|")
+        print("\n".join(_prefill_rows()), flush=True)
+        return
     if not SMOKE:
         print(f"precompiled in {precompile(args.sweep, not args.skip_checks):.1f} s", flush=True)
     if not args.skip_checks:

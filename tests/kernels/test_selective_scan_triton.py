@@ -262,6 +262,24 @@ def test_tile_settings_agree(monkeypatch, tiles):
     assert_close(run_both(inputs), TOL[torch.float64])
 
 
+def test_small_grid_narrows_the_forward_channel_block(monkeypatch):
+    """Where the forward's grid would leave SMs idle (a prefill at batch 1) its channel block halves, down
+    to TILES["fwd_min_block_d"]; the result does not change (forward and backward)."""
+    assert ss_triton._narrow_for_small_grid(16, 1, 1536, 264) == 8  # mamba1-130m at batch 1, 132 SMs
+    assert ss_triton._narrow_for_small_grid(16, 8, 1536, 264) == 16  # batch 8: 768 programs already
+    assert ss_triton._narrow_for_small_grid(16, 1, 1536, 0) == 16  # CPU: no target
+    monkeypatch.setitem(ss_triton.TILES, "fwd_min_block_d", 4)
+    assert ss_triton._narrow_for_small_grid(16, 1, 1536, 528) == 4
+    inputs = make(2, 24, 19, 4, torch.float64, states=2)
+    wide = run_both(inputs)
+    monkeypatch.setitem(ss_triton.TILES, "fwd_min_programs", 10**6)  # narrowest blocks at this size
+    narrow = run_both(inputs)
+    assert_close(narrow, TOL[torch.float64])
+    (outs_wide, grads_wide), (outs_narrow, grads_narrow) = wide[0], narrow[0]
+    for a, b in zip((*outs_wide, *grads_wide), (*outs_narrow, *grads_narrow)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_chunk_must_hold_whole_backward_tiles(monkeypatch):
     monkeypatch.setitem(ss_triton.TILES, "bwd", (4, 8, 1))
     monkeypatch.setitem(ss_triton.TILES, "chunk", 12)
