@@ -202,6 +202,38 @@ def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rm
 
 
 @triton.jit
+def _whole_rows(w_ptr, wrow, wmask, stride_w0, stride_w1, nw_ptr, DM: tl.constexpr, BK: tl.constexpr):
+    """Whole-row kernels, before the wait: the weight rows ``wrow`` [BC, BK] (masked by ``wmask``) and the
+    norm weight [BK] as float32, over d_model padded to BK. No kernel writes either (kernels/pdl.py)."""
+    kc = tl.arange(0, BK)
+    kcmask = kc < DM
+    w = tl.load(w_ptr + wrow[:, None] * stride_w0 + kc[None, :] * stride_w1, mask=wmask[:, None] & kcmask[None, :],
+                other=0.0)
+    nw = tl.load(nw_ptr + kc, mask=kcmask, other=0.0).to(tl.float32)
+    return w, nw
+
+
+@triton.jit
+def _norm_rows_product(x_ptr, res_ptr, stream_ptr, w, nw, rows, rmask, write_stream, eps, stride_xb, stride_rb,
+                       stride_sb, DM: tl.constexpr, HAS_X: tl.constexpr, HAS_RES: tl.constexpr,
+                       STORE: tl.constexpr, wdt: tl.constexpr, BK: tl.constexpr):
+    """Whole-row kernels, after the wait (one round trip to memory): r = x + residual over whole rows (with
+    STORE, the program with ``write_stream`` stores r), RMSNorm(r) * nw with 1 / rms from the row itself,
+    rounded to ``wdt`` as the op-by-op norm's output is cast, times the rows ``w`` (``_whole_rows``):
+    [BB, BC] float32, not yet rounded."""
+    kc = tl.arange(0, BK)
+    mask = rmask[:, None] & (kc[None, :] < DM)
+    h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, kc, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
+    if STORE:
+        if write_stream:  # one program writes the stream (r) for out_proj's residual add
+            tl.store(stream_ptr + rows[:, None] * stride_sb + kc[None, :], h.to(stream_ptr.dtype.element_ty),
+                     mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
+    hn = _round(h * rstd[:, None] * nw[None, :], wdt)
+    return tl.sum(hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _pick(tile, k_range, k):
     """Column k of a [BC, BW] tile as float32 [BC] (an exact pick: one nonzero term per row)."""
     return tl.sum(tl.where(k_range[None, :] == k, tile.to(tl.float32), 0.0), axis=1)
@@ -265,11 +297,7 @@ def _in_conv_kernel(
         # Everything that the previous kernel does not write is loaded before waiting for it: the weights,
         # and this layer's conv window (last written by this kernel at the previous token: kernels/pdl.py).
         # After the wait only the stream's row remains to be read.
-        kc = tl.arange(0, BK)
-        kcmask = kc < DM
-        w_in = tl.load(win_ptr + wrow[:, None] * stride_wi0 + kc[None, :] * stride_wi1,
-                       mask=cmask[:, None] & kcmask[None, :], other=0.0)
-        nw = tl.load(nw_ptr + kc, mask=kcmask, other=0.0).to(tl.float32)
+        w_in, nw = _whole_rows(win_ptr, wrow, cmask, stride_wi0, stride_wi1, nw_ptr, DM, BK)
         old, cwt, bias, wx = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, wx_ptr, chan, cmask & is_x, stride_cw0,
                                           stride_cw1, stride_wx0, stride_wx1, J, W, HAS_CB, HAS_PART, BJ, BWW)
     else:
@@ -285,16 +313,8 @@ def _in_conv_kernel(
             prefetch_l2(wx_ptr + jp * stride_wx0 + chan0 * stride_wx1, (jp < J) & is_x, wx_ptr, PDL)
     wait_for_prior_kernel(PDL)
     if PRE:
-        # r = x + residual, its norm from the row itself, and the in_proj rows: one round trip to memory.
-        rkmask = rmask[:, None] & kcmask[None, :]
-        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, kc, rkmask, stride_xb, stride_rb, HAS_X, HAS_RES)
-        if HAS_X:
-            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
-                tl.store(stream_ptr + rows[:, None] * stride_sb + kc[None, :], h.to(stream_ptr.dtype.element_ty),
-                         mask=rkmask)
-        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
-        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
-        v = _round(tl.sum(hn.to(tl.float32)[:, None, :] * w_in.to(tl.float32)[None, :, :], axis=2), wdt)
+        v = _round(_norm_rows_product(x_ptr, res_ptr, stream_ptr, w_in, nw, rows, rmask, pid_c == 0, eps, stride_xb,
+                                      stride_rb, stride_sb, DM, HAS_X, HAS_RES, HAS_X, wdt, BK), wdt)
     else:
         v = _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rmask, wrow, cmask,
                           pid_c == 0, eps, stride_xb, stride_rb, stride_qp, stride_sb, stride_wi0, stride_wi1, DM,

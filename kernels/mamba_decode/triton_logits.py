@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv, next_power_of_2
-from kernels.mamba_decode.triton import _load_stream, _round
+from kernels.mamba_decode.triton import _norm_rows_product, _round, _whole_rows
 from kernels.pdl import pdl_enabled, wait_for_prior_kernel
 
 MAX_BATCH = 4
@@ -41,19 +41,11 @@ def _logits_kernel(
     rmask = rows < batch
     v = tl.program_id(0).to(tl.int64) * BV + tl.arange(0, BV)
     vmask = v < vocab
-    k = tl.arange(0, BK)
-    kmask = k < DM
     wdt = w_ptr.dtype.element_ty
-    # Weights before the wait: no kernel writes them.
-    w = tl.load(w_ptr + v[:, None] * stride_w0 + k[None, :] * stride_w1, mask=vmask[:, None] & kmask[None, :],
-                other=0.0)
-    nw = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+    w, nw = _whole_rows(w_ptr, v, vmask, stride_w0, stride_w1, nw_ptr, DM, BK)  # before the wait
     wait_for_prior_kernel(PDL)
-    mask = rmask[:, None] & kmask[None, :]
-    h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, k, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
-    hn = _round(h * rstd[:, None] * nw[None, :], wdt)
-    acc = tl.sum(hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    acc = _norm_rows_product(x_ptr, res_ptr, stream_ptr, w, nw, rows, rmask, False, eps, stride_xb, stride_rb, 0,
+                             DM, HAS_X, HAS_RES, False, wdt, BK)
     logits = _round(acc, wdt).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_ob + v[None, :], logits, mask=rmask[:, None] & vmask[None, :])
 

@@ -41,8 +41,9 @@ import triton.language as tl
 
 from kernels.host import cdiv
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
-from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _clamp, _conv_inputs, _load_stream, _mm, _norm_in_proj,
-                                         _pick, _pow2, _round, _rows, _store_residual)
+from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _clamp, _conv_inputs, _mm, _norm_in_proj,
+                                         _norm_rows_product, _pick, _pow2, _round, _rows, _store_residual,
+                                         _whole_rows)
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
 MAX_DSTATE = 256
@@ -100,23 +101,12 @@ def _in_conv_kernel(
         # What the previous kernel does not write, before waiting for it (the Mamba-1 kernel 1's scheme,
         # kernels/mamba_decode/triton.py): the whole in_proj rows, the norm weight, the conv weights and
         # this layer's conv window. After the wait only the stream's row is read.
-        kc = tl.arange(0, BK)
-        kcmask = kc < DM
-        w_in = tl.load(win_ptr + orow[:, None] * stride_wi0 + kc[None, :] * stride_wi1,
-                       mask=omask[:, None] & kcmask[None, :], other=0.0)
-        nw = tl.load(nw_ptr + kc, mask=kcmask, other=0.0).to(tl.float32)
+        w_in, nw = _whole_rows(win_ptr, orow, omask, stride_wi0, stride_wi1, nw_ptr, DM, BK)
         old, cwt, bias, _ = _conv_inputs(win, kmask3, cw_ptr, cb_ptr, cw_ptr, chan, is_conv, stride_cw0, stride_cw1,
                                          0, 0, 1, W, HAS_CB, False, 1, BWW)
         wait_for_prior_kernel(PDL)
-        rkmask = rmask[:, None] & kcmask[None, :]
-        h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, kc, rkmask, stride_xb, stride_rb, HAS_X, HAS_RES)
-        if HAS_X:
-            if pid_c == 0:  # one program writes the stream (r) for out_proj's residual add
-                tl.store(stream_ptr + rows[:, None] * stride_sb + kc[None, :], h.to(stream_ptr.dtype.element_ty),
-                         mask=rkmask)
-        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / DM + eps)
-        hn = _round(h * rstd[:, None] * nw[None, :], wdt)
-        v = _round(tl.sum(hn.to(tl.float32)[:, None, :] * w_in.to(tl.float32)[None, :, :], axis=2), wdt)
+        v = _round(_norm_rows_product(x_ptr, res_ptr, stream_ptr, w_in, nw, rows, rmask, pid_c == 0, eps, stride_xb,
+                                      stride_rb, stride_sb, DM, HAS_X, HAS_RES, HAS_X, wdt, BK), wdt)
     else:
         # This program's weights and conv window into L2 while the previous kernel finishes (kernels/pdl.py).
         prefetch_rows_l2(win_ptr, orow, omask, stride_wi0, DM, LINE, LPD, PDL)
