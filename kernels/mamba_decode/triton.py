@@ -106,6 +106,38 @@ def _mm(a, b, DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _acc_zeros(BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """The accumulator of a product a [BB, BK] @ w [BN, BK]^T taken in chunks of BK (``_acc_add``):
+    [BB, BN] for tl.dot tiles; for GEMV tiles per-lane partial products [BB, BN, BK], reduced once after
+    the loop (``_acc_sum``: no shuffles per chunk)."""
+    if DOT:
+        acc = tl.zeros([BB, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BB, BN, BK], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _acc_add(acc, a, w, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """acc (``_acc_zeros``) plus one chunk's a [BB, BK] @ w [BN, BK]^T."""
+    if DOT:
+        acc += _mm(a, w, DOT, IEEE)
+    else:
+        acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _acc_sum(acc, DOT: tl.constexpr):
+    """The product [BB, BN] float32 from its accumulator (``_acc_zeros``)."""
+    if DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=2)
+    return out
+
+
+@triton.jit
 def _round(x, dtype: tl.constexpr):
     """float32 x rounded to ``dtype`` (to nearest even)."""
     if _INTERPRET:
@@ -174,11 +206,7 @@ def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rm
             h = _load_stream(x_ptr, res_ptr, stream_ptr, rows, cols, mask, stride_xb, stride_rb, HAS_X, HAS_RES)
             ss += tl.sum(h * h, axis=1)
     rstd = 1.0 / tl.sqrt(ss / DM + eps)
-    # GEMV tiles keep per-lane partial products and reduce once after the loop (no shuffles per chunk).
-    if DOT:
-        acc = tl.zeros([BB, BC], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BB, BC, BK], dtype=tl.float32)
+    acc = _acc_zeros(BB, BC, BK, DOT)
     for k0 in range(0, DM, BK):
         cols = k0 + tl.arange(0, BK)
         kmask = cols < DM
@@ -192,13 +220,8 @@ def _norm_in_proj(x_ptr, res_ptr, ssq_ptr, stream_ptr, nw_ptr, win_ptr, rows, rm
         hn = _round(h * rstd[:, None] * nw[None, :], wdt)
         w = tl.load(win_ptr + wrow[:, None] * stride_wi0 + cols[None, :] * stride_wi1,
                     mask=wmask[:, None] & kmask[None, :], other=0.0)
-        if DOT:
-            acc += _mm(hn, w, DOT, IEEE)
-        else:
-            acc3 += hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-    return _round(acc, wdt)
+        acc = _acc_add(acc, hn, w, DOT, IEEE)
+    return _round(_acc_sum(acc, DOT), wdt)
 
 
 @triton.jit
@@ -472,10 +495,7 @@ def _out_kernel(
     else:
         prefetch_rows_l2(wo_ptr, cols, nmask, stride_w0, DI, LINE, LPI, PDL)  # kernels/pdl.py
         wait_for_prior_kernel(PDL)
-        if DOT:
-            acc = tl.zeros([BB, BN], dtype=tl.float32)
-        else:
-            acc3 = tl.zeros([BB, BN, BK], dtype=tl.float32)
+        acc = _acc_zeros(BB, BN, BK, DOT)
         for k0 in range(0, DI, BK):
             k = k0 + tl.arange(0, BK)
             kmask = k < DI
@@ -483,13 +503,8 @@ def _out_kernel(
                          other=0.0)
             w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1,
                         mask=nmask[:, None] & kmask[None, :], other=0.0)
-            if DOT:
-                acc += _mm(yv, w, DOT, IEEE)
-            else:
-                acc3 += yv.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        if not DOT:
-            acc = tl.sum(acc3, axis=2)
-        _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
+            acc = _acc_add(acc, yv, w, DOT, IEEE)
+        _store_residual(_acc_sum(acc, DOT), wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
                         cols, rmask, nmask, 0.0, False)
 
 

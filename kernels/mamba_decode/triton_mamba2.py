@@ -41,9 +41,9 @@ import triton.language as tl
 
 from kernels.host import cdiv
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
-from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _clamp, _conv_inputs, _mm, _norm_in_proj,
-                                         _norm_rows_product, _pick, _pow2, _round, _rows, _store_residual,
-                                         _whole_rows)
+from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _acc_add, _acc_sum, _acc_zeros, _clamp,
+                                         _conv_inputs, _norm_in_proj, _norm_rows_product, _pick, _pow2, _round,
+                                         _rows, _store_residual, _whole_rows)
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
 MAX_DSTATE = 256
@@ -271,10 +271,7 @@ def _out_chunked(y_ptr, zxd_ptr, part_ptr, gw_ptr, wo_ptr, res_in_ptr, res_out_p
     prefetch_l2(gw_ptr + lcol, lcol < G * GS, gw_ptr, PDL)
     wait_for_prior_kernel(PDL)
     wdt = wo_ptr.dtype.element_ty
-    if DOT:
-        acc = tl.zeros([BB, BN], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BB, BN, BK], dtype=tl.float32)
+    acc = _acc_zeros(BB, BN, BK, DOT)
     for g in range(0, G):
         # 1 / rms of group g of y * silu(z): its NPG partials are contiguous in `part`.
         ss = tl.zeros([BB], dtype=tl.float32)
@@ -295,13 +292,8 @@ def _out_chunked(y_ptr, zxd_ptr, part_ptr, gw_ptr, wo_ptr, res_in_ptr, res_out_p
             hn = _round(yv * zv * tl.sigmoid(zv) * rstd[:, None] * gw[None, :], wdt)  # the norm's output
             w = tl.load(wo_ptr + cols[:, None] * stride_w0 + k[None, :] * stride_w1,
                         mask=nmask[:, None] & kmask[None, :], other=0.0)
-            if DOT:
-                acc += _mm(hn, w, DOT, IEEE)
-            else:
-                acc3 += hn.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-    _store_residual(acc, wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
+            acc = _acc_add(acc, hn, w, DOT, IEEE)
+    _store_residual(_acc_sum(acc, DOT), wo_ptr, res_in_ptr, stride_rib, res_out_ptr, stride_rob, ssq_ptr, stride_qp, pid_n, rows,
                     cols, rmask, nmask, 0.0, False)
 
 

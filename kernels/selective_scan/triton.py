@@ -64,7 +64,6 @@ copy. Measured speed and the tile choice: docs/kernels/selective_scan.md.
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
