@@ -82,7 +82,7 @@ TILES = {
     "small": {"BC": 16, "BD": 32, "BN": 4, "elems": 4096, "warps1": 4, "warps3": 4, "part": None, "pre": True,
               "pre_elems_per_warp": 8192, "pre_max_warps": 8},
     "large": {"BB1": 64, "BC": 32, "BK1": 64, "BB2": 16, "BD": 32, "BB3": 32, "BN": 32, "BK3": 64,
-              "warps1": 8, "warps3": 4, "stages1": 3, "stages3": 3, "pdl": False, "xsplit": 0},
+              "warps1": 8, "warps3": 4},
 }
 
 
@@ -508,48 +508,8 @@ def _out_kernel(
                         cols, rmask, nmask, 0.0, False)
 
 
-@triton.jit
-def _xproj_split_kernel(x_ptr, w_ptr, part_ptr, batch, stride_xb, stride_w0, stride_pp, stride_pb,
-                        J: tl.constexpr, DI: tl.constexpr, SPLIT: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr,
-                        BK: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LP: tl.constexpr):
-    """x_proj split over its inner dimension: program (j, b, s) writes the float32 partial
-    x[rows, K_s] @ w[cols, K_s]^T of the s-th of SPLIT slices of d_inner, which the scan kernel sums in a
-    fixed order (as it sums kernel 1's partials)."""
-    cols = tl.program_id(0) * BJ + tl.arange(0, BJ)
-    rows = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
-    KS: tl.constexpr = (DI + SPLIT - 1) // SPLIT
-    k_lo = tl.program_id(2) * KS
-    rmask = rows < batch
-    jmask = cols < J
-    prefetch_rows_l2(w_ptr + k_lo, cols, jmask, stride_w0, KS, LINE, LP, PDL)
-    wait_for_prior_kernel(PDL)
-    acc = tl.zeros([BB, BJ], dtype=tl.float32)
-    for k0 in range(0, KS, BK):
-        k = k_lo + k0 + tl.arange(0, BK)
-        kmask = (k0 + tl.arange(0, BK) < KS) & (k < DI)
-        a = tl.load(x_ptr + rows[:, None] * stride_xb + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w0 + k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-        acc += _mm(a, w, True, w_ptr.dtype.element_ty == tl.float32)
-    tl.store(part_ptr + tl.program_id(2) * stride_pp + rows[:, None] * stride_pb + cols[None, :], acc,
-             mask=rmask[:, None] & jmask[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch helpers
-
-
-def xproj_partials(xc: torch.Tensor, x_proj_weight: torch.Tensor, split: int, pdl: bool) -> torch.Tensor:
-    """x_proj of xc [B, DI] as ``split`` float32 partial sums [split, B, J] over slices of DI."""
-    batch, d_inner = xc.shape
-    J = x_proj_weight.shape[0]
-    part = torch.empty(split, batch, J, device=xc.device, dtype=torch.float32)
-    bb, bj, bk = min(64, max(16, _pow2(batch))), 16, 64
-    line = line_elems(x_proj_weight)
-    _xproj_split_kernel[(cdiv(J, bj), cdiv(batch, bb), split)](
-        xc, x_proj_weight, part, batch, xc.stride(0), x_proj_weight.stride(0), part.stride(0), part.stride(1),
-        J=J, DI=d_inner, SPLIT=split, BB=bb, BJ=bj, BK=bk, PDL=pdl, LINE=line,
-        LP=lines_pow2(cdiv(d_inner, split), line), num_warps=4, num_stages=3, launch_pdl=pdl)
-    return part
 
 
 def _pow2(n: int) -> int:
@@ -571,7 +531,7 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
         bb, elems = _pow2(batch), t["elems"]
         bc = t["BC"]
         bd = _clamp(2 * elems // (bb * max(bns, br)), 1, t["BD"])
-        cfg = dict(DOT=False, stages1=3, stages3=3, pdl=True, xsplit=0, BB1=bb, BC=bc, BK1=_clamp(elems // (bb * bc), 16, _pow2(d_model)), BJ=_pow2(xproj),
+        cfg = dict(DOT=False, BB1=bb, BC=bc, BK1=_clamp(elems // (bb * bc), 16, _pow2(d_model)), BJ=_pow2(xproj),
                    BB2=bb, BD=bd, DOT2=False, BB3=bb, BN=t["BN"],
                    BK3=_clamp(elems // (bb * t["BN"]), 16, _pow2(d_inner)), warps1=t["warps1"], warps3=t["warps3"])
     else:
@@ -586,8 +546,7 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
             bb2 //= 2
         cfg = dict(DOT=True, BB1=bb1, BC=t["BC"], BK1=t["BK1"], BJ=max(16, _pow2(xproj)),
                    BB2=bb2, BD=bd, DOT2=bb2 >= 16, BB3=min(t["BB3"], bb1), BN=t["BN"], BK3=t["BK3"],
-                   warps1=t["warps1"], warps3=t["warps3"], stages1=t["stages1"], stages3=t["stages3"],
-                   pdl=t["pdl"], xsplit=t["xsplit"])
+                   warps1=t["warps1"], warps3=t["warps3"])
     cfg["BR"] = max(16, br) if cfg["DOT2"] else br
     cfg["BNS"] = bns
     cfg["warps2"] = TILES["small"].get("warps2") or (8 if cfg["BB2"] * cfg["BD"] * bns > 4096 else 4)
@@ -602,7 +561,7 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
                    and cfg["BB1"] * cfg["BJ"] * cfg["BC"] <= 16384)
     if not cfg["DOT"] and TILES["small"].get("part") is not None:
         cfg["PART"] = bool(TILES["small"]["part"])
-    np_rows = cfg["NP"] if cfg["PART"] else max(1, cfg["xsplit"])
+    np_rows = cfg["NP"] if cfg["PART"] else 1
     cfg["BP"] = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], bns)), 1, _pow2(np_rows))
     cfg["NQ"] = cdiv(d_model, cfg["BN"])
     # Whole-row kernels (GEMV only): kernel 1 over all of d_model, kernel 3 over all of d_inner, kernel 2
@@ -671,7 +630,7 @@ def mamba1_decode_block_op(
     ieee = wdt == torch.float32
     # PDL only for the register (GEMV) tiles: with the tl.dot tiles (batch > 4) the early-launched programs
     # hold registers while they wait, and an H100 ran the batch-64 step 1.37x slower with PDL than without.
-    pdl, line = pdl_enabled(dev) and cfg["pdl"], line_elems(in_proj_weight)
+    pdl, line = pdl_enabled(dev) and not cfg["DOT"], line_elems(in_proj_weight)
     xc = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     z = torch.empty(batch, d_inner, device=dev, dtype=wdt)
     part = torch.empty(cfg["NP"] if cfg["PART"] else 0, batch, xproj, device=dev, dtype=torch.float32)
@@ -692,14 +651,10 @@ def mamba1_decode_block_op(
         HAS_X=x is not None, HAS_RES=residual is not None, HAS_SSQ=x is None and residual_sumsq is not None,
         HAS_CB=conv_bias is not None, HAS_PART=cfg["PART"], DOT=cfg["DOT"], IEEE=ieee,
         BB=cfg["BB1"], BC=cfg["BC"], BK=cfg["BK1"], BJ=cfg["BJ"], BQ=bq, BW=_pow2(width - 1), BWW=_pow2(width),
-        PRE=cfg["PRE1"], PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"],
-        num_stages=cfg["stages1"], launch_pdl=pdl,
+        PRE=cfg["PRE1"], PDL=pdl, LINE=line, LPD=lines_pow2(d_model, line), num_warps=cfg["warps1"], launch_pdl=pdl,
     )
     if cfg["PART"]:
         xdbl, n_part, strides = part, cfg["NP"], part.stride()
-    elif cfg["xsplit"]:
-        xdbl = xproj_partials(xc, x_proj_weight, cfg["xsplit"], pdl)
-        n_part, strides = cfg["xsplit"], xdbl.stride()
     else:  # one matmul (rounded to the weights' dtype, as the op-by-op x_proj)
         xdbl = torch.nn.functional.linear(xc, x_proj_weight)
         n_part, strides = 1, (0, *xdbl.stride())
@@ -716,8 +671,7 @@ def mamba1_decode_block_op(
         y, out_proj_weight, res_mid, res_out, ssq, batch,
         y.stride(0), *out_proj_weight.stride(), res_mid.stride(0), res_out.stride(0), ssq.stride(0),
         DM=d_model, DI=d_inner, DOT=cfg["DOT"], IEEE=ieee, BB=cfg["BB3"], BN=cfg["BN"], BK=cfg["BK3"],
-        PRE=cfg["PRE3"], PDL=pdl, LINE=line, LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"],
-        num_stages=cfg["stages3"], launch_pdl=pdl,
+        PRE=cfg["PRE3"], PDL=pdl, LINE=line, LPI=lines_pow2(d_inner, line), num_warps=cfg["warps3"], launch_pdl=pdl,
     )
     return res_out, ssq
 
