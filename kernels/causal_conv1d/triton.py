@@ -10,12 +10,13 @@ Semantics are those of ``reference.py``; shapes:
     returns y [B, D, L] (x's dtype; channel-last when x is, so a layer's transposes cost no copy) and,
     when asked, the final state [B or S, D, W-1] (float32, or float64 for float64 inputs).
 
-Two sets of kernels. Without packed sequences and without an initial state (a model's training path)
-the "column" kernels run (``_conv_fwd_cols_kernel`` / ``_conv_bwd_cols_kernel``, see the section below):
-positions go in groups of 8 held in registers, so every shift along the length is a compile-time pick
-of a register, for a contiguous length axis and for channel-last x alike. Everything else (initial
-states, ``cu_seqlens``, a length and a channel axis that are both strided) runs the general kernels
-described next.
+Two sets of kernels. Without packed sequences the "column" kernels run (``_conv_fwd_cols_kernel`` /
+``_conv_bwd_cols_kernel``, see the section below): positions go in groups of 8 held in registers, so
+every shift along the length is a compile-time pick of a register, for a contiguous length axis and for
+channel-last x alike. The forward also takes an initial state there (a prefill from a cache: on an H100
+the general kernel took ~2x as long for a batch-64 prefill); the backward does not. Everything else
+(``cu_seqlens``, the backward with an initial state, a length and a channel axis that are both strided)
+runs the general kernels described next.
 
 Layout of the work (general kernels). Every position p of x belongs to one sequence s with bounds [start, end): for a
 plain batch s = b, start = 0, end = L; for packed sequences s, start, end come from ``cu_seqlens``
@@ -323,7 +324,8 @@ def _conv_step_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# The "column" kernels: no packed sequences and no initial state (a model's training path).
+# The "column" kernels: no packed sequences (a model's training path, and the forward of a prefill from a
+# cached state); the backward takes no initial state either.
 #
 # The positions are taken in groups of 8: a tile is J groups of BLOCK_D channels, held as 8 "columns"
 # [BLOCK_D, J] (column i holds position 8 g + i of every group g). Shifting along the length is then a
@@ -412,11 +414,12 @@ def _weights(w_ptr, offs_d, mask_d, stride_wd, stride_wk, W: tl.constexpr, ACC: 
 
 @triton.jit
 def _conv_fwd_cols_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, init_ptr, y_ptr,
     D, L,
-    stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_yb, stride_yd, stride_yl,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHANNEL_LAST: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, J: tl.constexpr,
+    stride_xb, stride_xd, stride_xl, stride_wd, stride_wk, stride_ib, stride_id, stride_ik,
+    stride_yb, stride_yd, stride_yl,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    CHANNEL_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, J: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     offs_d = tl.program_id(2).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -425,6 +428,15 @@ def _conv_fwd_cols_kernel(
     x_ptr += batch * stride_xb
     cur = _load_group(x_ptr, offs_d, mask_d, grp, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
     prv = _load_group(x_ptr, offs_d, mask_d, grp - 1, L, stride_xd, stride_xl, CHANNEL_LAST, ACC)
+    if HAS_INIT:
+        # Positions -(W-1)..-1 (read as zeros above) come from the initial state, column W-1+pos.
+        with_init = ()
+        for i in tl.static_range(8):
+            pos = (grp - 1) * 8 + i
+            mask = mask_d[:, None] & ((pos >= 1 - W) & (pos < 0))[None, :]
+            ptrs = init_ptr + batch * stride_ib + offs_d[:, None] * stride_id + (W - 1 + pos)[None, :] * stride_ik
+            with_init = with_init + (prv[i] + tl.load(ptrs, mask=mask, other=0.0).to(ACC),)
+        prv = with_init
     ws = _weights(w_ptr, offs_d, mask_d, stride_wd, stride_wk, W, ACC)
     bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_BIAS:
@@ -577,10 +589,12 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, dim, length, device=x.device, dtype=x.dtype)
 
 
-def _column_form(x: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> str | None:
+def _column_form(x: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 forward: bool = False) -> str | None:
     """Which column kernel serves this call ("l" / "cl"), or None for the general kernels (packed
-    sequences, an initial state, or a length axis and a channel axis that are both strided)."""
-    if initial_state is not None or cu_seqlens is not None:
+    sequences, an initial state in the backward, or a length axis and a channel axis that are both
+    strided)."""
+    if (initial_state is not None and not forward) or cu_seqlens is not None:
         return None
     if _channel_last(x):
         return "cl"
@@ -662,14 +676,14 @@ def causal_conv1d_fwd(
     width = weight.shape[1]
     y = _new_like(x)
     acc = _acc(x.dtype)
-    form = _column_form(x, initial_state, cu_seqlens)
+    form = _column_form(x, initial_state, cu_seqlens, forward=True)
     if x.numel() > 0 and form is not None:
         block_d, groups, warps = COL_TILES["fwd_" + form]
         grid = (cdiv(L, 8 * groups), batch, cdiv(dim, block_d))
         _conv_fwd_cols_kernel[grid](
-            x, weight, bias, y, dim, L, *x.stride(), *weight.stride(), *y.stride(),
-            W=width, HAS_BIAS=bias is not None, SILU=silu, CHANNEL_LAST=form == "cl", ACC=acc,
-            BLOCK_D=block_d, J=groups, num_warps=warps,
+            x, weight, bias, initial_state, y, dim, L, *x.stride(), *weight.stride(), *_strides3(initial_state),
+            *y.stride(), W=width, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
+            CHANNEL_LAST=form == "cl", ACC=acc, BLOCK_D=block_d, J=groups, num_warps=warps,
         )
     elif x.numel() > 0:
         seqidx = None if cu_seqlens is None else _seq_index(cu_seqlens, L)

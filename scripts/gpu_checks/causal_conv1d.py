@@ -115,7 +115,10 @@ def _compare(name, x, weight, bias, init, activation, cu_seqlens=None, tol=1e-2,
     grads_ref = torch.autograd.grad([y_ref, final_ref], ref_leaves, [gy, gf])
     err_fwd = max_rel([(y, y_ref), (final, final_ref)])
     err_bwd = max_rel(zip(grads, grads_ref))
-    note = f"{ct._column_form(x, init, cu_seqlens) or 'general'} kernels"
+    fwd_form = ct._column_form(x, init, cu_seqlens, forward=True)
+    bwd_form = ct._column_form(x, init, cu_seqlens)
+    note = (f"{fwd_form or 'general'} kernels" if fwd_form == bwd_form else
+            f"{fwd_form or 'general'} forward, {bwd_form or 'general'} backward kernels")
     if baseline is not None and cu_seqlens is None:
         try:
             base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -215,14 +218,14 @@ def run_checks() -> list[dict]:
             f"columns: W={w}, {lay}, no act", *_make(*small, w, fp32, layout=lay, bias=w != 3), None, tol=1e-5))
         for w, lay in ((2, "l"), (3, "cl"), (8, "l"), (8, "cl"))
     ] + [
-        ("states", lambda: _compare("general: silu, bias, init/final state", *_make(*big, 4, bf16, states=big[0]),
+        ("states", lambda: _compare("init/final state, silu, bias", *_make(*big, 4, bf16, states=big[0]),
                                     "silu", baseline=base_fn)),
-        ("states cl", lambda: _compare("general: channel-last x, init/final state",
+        ("states cl", lambda: _compare("init/final state, channel-last x",
                                        *_make(*odd, 4, bf16, states=odd[0], layout="cl"), "silu", baseline=base_fn)),
         ("varlen", lambda: _compare(f"general: varlen ({len(lengths)} seqs, one empty)",
                                     *_make(1, _shape("varlen_dim"), int(cu[-1]), 4, torch.float16, states=len(lengths)),
                                     "silu", cu_seqlens=cu)),
-        ("W=3 states", lambda: _compare("general: W=3, no bias/act", *_make(*small, 3, fp32, states=small[0],
+        ("W=3 states", lambda: _compare("init/final state, W=3, no bias/act", *_make(*small, 3, fp32, states=small[0],
                                                                            bias=False), None, tol=1e-5)),
         ("L=1", lambda: _compare("L=1", *_make(*_shape("l1"), 4, bf16, states=_shape("l1")[0]), "silu")),
         ("det", lambda: _determinism("l", False)),
@@ -304,6 +307,37 @@ def _bench_row(kernel, layout, dim, base_fn, tiles=None, reference=None) -> dict
     return row, (x, weight, bias, dy)
 
 
+def _prefill_row(base_fn) -> dict:
+    """A Mamba-1 prefill's conv from a cached state (no autograd): the column kernel with the initial state
+    against the general kernel it replaced and causal_conv1d's CUDA kernel, on the layer's channel-last view."""
+    batch, dim, L = (2, 16, 37) if SMOKE else (64, 1536, 512)
+    x, weight, bias, init = _make(batch, dim, L, 4, torch.bfloat16, states=batch, layout="proj")
+    ours = lambda: causal_conv1d_triton(x, weight, bias, "silu", init, True)  # noqa: E731
+    general_form = ct._column_form
+    with torch.no_grad():
+        want = causal_conv1d_reference(x.double(), weight.double(), bias.double(), "silu", init.double(), True)
+        got = ours()
+        row = {"kernel": "causal_conv1d prefill from a state (column fwd; baseline column = general kernel)",
+               "shape": f"B{batch} D{dim} L{L} W4 bf16 silu, proj", "ours_fwd_ms": _time_graph_ms(ours),
+               "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "mamba_ssm_fwdbwd_ms": None,
+               "bytes_fwd": 2 * nbytes(x), "bytes_fwdbwd": None,
+               "note": f"rel err y {rel(got[0], want[0]):.1e}, final {rel(got[1], want[1]):.1e}"}
+        ct._column_form = lambda *args, **kwargs: None
+        try:
+            row["general_fwd_ms"] = _time_graph_ms(ours)
+        finally:
+            ct._column_form = general_form
+        if base_fn is not None:
+            # causal_conv1d takes states only with channel-last x: a dense channel-last copy, made outside.
+            xb = x.transpose(1, 2).contiguous().transpose(1, 2)
+            try:
+                row["mamba_ssm_fwd_ms"] = _time_graph_ms(
+                    lambda: base_fn(xb, weight, bias, initial_states=init, return_final_states=True, activation="silu"))
+            except Exception as error:  # noqa: BLE001
+                row["note"] += f"; causal_conv1d n/a: {str(error)[:60]}"
+    return row
+
+
 def _like_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2) if x.stride(1) == 1 else t.contiguous()
 
@@ -334,6 +368,10 @@ def run_bench(sweep: bool = False, verbose: bool = False) -> list[dict]:
             rows.append(row)
             if verbose:
                 print(_fmt_bench(row), flush=True)
+    row = _prefill_row(base_fn)
+    rows.append(row)
+    if verbose:
+        print(_fmt_bench(row) + f" general kernel: {row.get('general_fwd_ms')} ms; {row['note']}", flush=True)
     batch, dim = _shape("step")
     width = 4
     x = torch.randn(batch, dim, device=DEV, dtype=torch.bfloat16)

@@ -199,6 +199,26 @@ def test_column_kernels_match_reference(small_col_tiles, layout, width, L, activ
         assert ours[0].stride(1) == 1 and g_ours[0].stride(1) == 1
 
 
+@pytest.mark.parametrize("layout", ["l", "cl", "proj"])
+@pytest.mark.parametrize("width, L", [(4, 37), (2, 16), (8, 5), (3, 1), (8, 20)])
+def test_column_forward_takes_an_initial_state(small_col_tiles, layout, width, L):
+    # A prefill from a cached state: the forward column kernel reads positions -(W-1)..-1 from the
+    # initial state (L < W-1 and L < 8 included); the backward still runs the general kernels.
+    x, weight, bias, init = make(2, 6, L, width, torch.float64, states=2, bias=width != 2)
+    x = _layout(x, layout)
+    assert conv_triton._column_form(x, init, None, forward=True) is not None
+    assert conv_triton._column_form(x, init, None) is None
+    (ours, g_ours), (ref, g_ref) = run_both(x, weight, bias, init, "silu")
+    for a, b in list(zip(ours, ref)) + list(zip(g_ours, g_ref)):
+        assert rel(a, b) < 1e-12
+    with torch.no_grad(), forced_backend("triton", "causal_conv1d"):
+        y, final = causal_conv1d(x.to(torch.bfloat16), weight.to(torch.bfloat16), None, "silu",
+                                 init.to(torch.bfloat16), True)
+    with forced_backend("reference", "causal_conv1d"):
+        y_ref, final_ref = causal_conv1d(x, weight, None, "silu", init, True)
+    assert rel(y, y_ref) < TOL[torch.bfloat16] and rel(final, final_ref) < TOL[torch.bfloat16]
+
+
 def test_column_kernels_dtypes_and_determinism(small_col_tiles):
     x, weight, bias, _ = make(2, 10, 29, 4, torch.bfloat16, states=0)
     x = _layout(x, "proj")
