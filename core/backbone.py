@@ -36,6 +36,7 @@ from core.cache import InferenceCache
 from core.chunked_loss import IGNORE_INDEX, chunked_cross_entropy  # IGNORE_INDEX: -100, importable from here too
 from core.config import ModelConfig
 from core.layers.norm import RMSNorm
+from kernels.norm import rms_norm
 
 # The parameter (relative to its mixer) that writes each block's output into the residual stream; the
 # GPT-2 / mamba_ssm scheme rescales it by 1/sqrt(depth). The MoE's stacked experts are [E, d_model, hidden].
@@ -318,6 +319,8 @@ class Backbone(nn.Module):
             # A pad's id is never looked up, so any pad id (-1 included) is fine.
             input_ids = input_ids.masked_fill(~padding_mask, 0)
         x = self.embedding(input_ids)
+        if self._fused_norms():
+            return self._forward_fused_norms(x, cache, padding_mask, input_ids.shape[1])
         if self.residual_in_fp32:
             x = upcast_residual(x)
         aux_losses: dict[str, torch.Tensor] = {}
@@ -329,6 +332,34 @@ class Backbone(nn.Module):
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return self.norm_f(x), aux_losses
+
+    def _fused_norms(self) -> bool:
+        """Whether :meth:`forward` may add each block's output to the stream inside the next block's norm
+        (one ``rms_norm(..., residual=...)`` kernel instead of an add, a norm and a cast): without
+        autograd and autocast, with the standard blocks."""
+        return (not torch.is_grad_enabled() and not torch.is_autocast_enabled()
+                and all(type(block) is Block and type(block.norm) is RMSNorm for block in self.layers))
+
+    def _forward_fused_norms(self, x: torch.Tensor, cache: InferenceCache | None,
+                             padding_mask: torch.Tensor | None, seqlen: int) -> tuple[torch.Tensor, dict]:
+        """:meth:`forward` for inference (a prefill, an evaluation): Block.forward's float32 arithmetic
+        (the sum stored in the stream's dtype, then normalized and rounded to the norm's output dtype),
+        reading and writing the [B, L, d_model] stream once a block instead of three times."""
+        stream_dtype = upcast_residual(x).dtype if self.residual_in_fp32 else x.dtype
+        aux_losses: dict[str, torch.Tensor] = {}
+        residual, out = None, x  # the stream is residual + out (the previous block's output, not yet added)
+        for i, block in enumerate(self.layers):
+            h, residual = rms_norm(out, block.norm.weight, block.norm.eps, residual=residual,
+                                   residual_out_dtype=stream_dtype)
+            out = block.mixer(h.to(block.norm.weight.dtype), cache=None if cache is None else cache.layers[i],
+                              padding_mask=padding_mask)
+            if isinstance(out, tuple):  # the MoE's (y, aux)
+                out, aux = out
+                for name, value in aux.items():
+                    aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+        if cache is not None:
+            cache.seqlen_offset += seqlen
+        return self.norm_f(residual + out), aux_losses
 
 
 # --------------------------------------------------------------------------------------------------

@@ -405,3 +405,38 @@ def test_left_padding_matches_unpadded_rows(pattern):
     # The pad id does not matter, even one outside the vocabulary.
     ids[0, :3] = -1
     assert torch.equal(model(ids, padding_mask=mask).logits[:, 3:], out[:, 3:])
+
+
+@pytest.mark.parametrize("pattern", ["M*-E", "S-", "H-", "SM*H-E"])
+@pytest.mark.parametrize("residual_in_fp32, dtype", [(True, torch.bfloat16), (False, torch.bfloat16),
+                                                     (True, torch.float64)])
+def test_inference_forward_fuses_the_residual_add_into_the_norm(monkeypatch, pattern, residual_in_fp32, dtype):
+    # Without autograd the backbone adds each block's output inside the next block's norm: the same
+    # arithmetic as Block.forward (the sum stored in the stream's dtype, then normalized), so the logits,
+    # aux losses and cached states are bit-identical to the forward with autograd.
+    if not have(pattern):
+        pytest.skip("mixer modules not written yet")
+    torch.manual_seed(0)
+    model = CausalLM(small_config(pattern, residual_in_fp32=residual_in_fp32)).to(dtype)
+    ids = torch.randint(0, 250, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :2] = False
+    want = model(ids, padding_mask=mask)
+    cache_want = model.allocate_cache(2, 12)
+    want_cached = model(ids, cache=cache_want, padding_mask=mask, num_last_tokens=1)
+    fused_calls = []
+    real = backbone_module.rms_norm
+    monkeypatch.setattr(backbone_module, "rms_norm", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = model(ids, padding_mask=mask)
+        cache_got = model.allocate_cache(2, 12)
+        got_cached = model(ids, cache=cache_got, padding_mask=mask, num_last_tokens=1)
+    assert len(fused_calls) == 2 * len(pattern)  # the fused path ran, one fused norm a block
+    assert torch.equal(got.logits, want.logits) and torch.equal(got_cached.logits, want_cached.logits)
+    assert got.aux_losses.keys() == want.aux_losses.keys()
+    assert all(torch.equal(got.aux_losses[k], want.aux_losses[k]) for k in want.aux_losses)
+    assert cache_got.seqlen_offset == cache_want.seqlen_offset == 9
+    for a, b in zip(cache_got.layers, cache_want.layers):
+        for name in ("conv_state", "ssm_state", "key", "value", "valid", "short_state"):
+            if hasattr(b, name) and isinstance(getattr(b, name), torch.Tensor):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
