@@ -71,7 +71,8 @@ and compare tensor by tensor):
   [B, d_inner + 2 ngroups d_state, d_conv - 1], Hyena [B, (order + 1) d_model, short_filter_order - 1],
   in the cache dtype;
 - ``ssm_state``: Mamba-1 [B, d_inner, d_state], Mamba-2 [B, nheads, headdim, d_state], float32 whatever
-  the cache dtype (float64 for a float64 cache); S4D [B, d_model, d_state] complex64 (complex128);
+  the cache dtype (float64 for a float64 cache) unless ``ssm_state_dtype`` says otherwise (bfloat16 /
+  float16 halve it); S4D [B, d_model, d_state] complex64 (complex128);
 - ``hyena_history``: Hyena's long-convolution inputs, (order - 1) x [B, d_model, seqlen], cache dtype.
 
 Only ``kv``, ``kv_mask`` and ``hyena_history`` grow with the sequence. Small bookkeeping tensors a cache
@@ -88,6 +89,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core import pattern as P
+from core.cache import ssm_state_dtype_for
 from core.config import AttentionConfig, MLPConfig, ModelConfig, MoEConfig
 from core.layers.mlp import mlp_hidden_size
 
@@ -410,12 +412,15 @@ def _state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 
 
 def layer_cache_bytes(char: str, config: ModelConfig, seqlen: int, batch: int = 1,
-                      dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+                      dtype: torch.dtype = torch.bfloat16,
+                      ssm_state_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Bytes of one ``char`` block's cache by kind (:data:`CACHE_KINDS`; absent kinds are omitted, MLP
-    and MoE blocks have none), for ``batch`` sequences of up to ``seqlen`` tokens in ``dtype``."""
+    and MoE blocks have none), for ``batch`` sequences of up to ``seqlen`` tokens in ``dtype``; the Mamba
+    states in ``ssm_state_dtype`` (``core.cache.ssm_state_dtype_for``: float32 by default)."""
     d = config.d_model
     size = dtype.itemsize
-    state_real, state_complex = _state_dtypes(dtype)
+    _, state_complex = _state_dtypes(dtype)
+    state_real = ssm_state_dtype_for(dtype, ssm_state_dtype)
     if char == P.MAMBA1:
         c = config.mamba1
         d_inner = c.expand * d
@@ -471,8 +476,9 @@ class CacheBytes:
 
 
 def cache_bytes(config: ModelConfig, *, seqlen: int, batch: int = 1,
-                dtype: torch.dtype = torch.bfloat16) -> CacheBytes:
-    """Bytes of ``CausalLM(config).allocate_cache(batch, seqlen, dtype=dtype)``, by kind and by block.
+                dtype: torch.dtype = torch.bfloat16, ssm_state_dtype: torch.dtype | None = None) -> CacheBytes:
+    """Bytes of ``CausalLM(config).allocate_cache(batch, seqlen, dtype=dtype, ssm_state_dtype=...)``, by
+    kind and by block.
 
     Computed from the config alone (no tensor is allocated), so it is available for any size. Hyena's
     cache cannot actually be allocated beyond ``config.hyena.max_seqlen`` (its filter length); the
@@ -482,7 +488,7 @@ def cache_bytes(config: ModelConfig, *, seqlen: int, batch: int = 1,
         raise ValueError(f"cache_bytes needs seqlen >= 1 and batch >= 1, got seqlen={seqlen}, batch={batch}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"cache_bytes: dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    per_layer = [layer_cache_bytes(char, config, seqlen, batch, dtype) for char in config.pattern]
+    per_layer = [layer_cache_bytes(char, config, seqlen, batch, dtype, ssm_state_dtype) for char in config.pattern]
     by_kind = dict.fromkeys(CACHE_KINDS, 0)
     for layer in per_layer:
         for kind, n in layer.items():

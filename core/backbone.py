@@ -24,6 +24,7 @@ Bidirectional use (DNA, later) will reuse :class:`Backbone` as is; only the head
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import pattern as P
-from core.cache import InferenceCache
+from core.cache import InferenceCache, ssm_state_dtype_for
 from core.chunked_loss import IGNORE_INDEX, chunked_cross_entropy  # IGNORE_INDEX: -100, importable from here too
 from core.config import ModelConfig
 from core.layers.norm import RMSNorm
@@ -287,6 +288,14 @@ class Block(nn.Module):
         return f"char={self.char!r}, layer_idx={self.layer_idx}"
 
 
+def _called_plainly(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs just its class's forward: no forward replaced on the instance (a
+    compiled block: core.parallel.compile_blocks) and no forward hooks (probes), which a path that
+    bypasses the call would skip."""
+    return ("forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
 class Backbone(nn.Module):
     """Embedding, blocks, final norm: input_ids int64 [B, L] -> hidden [B, L, d_model] (+ aux losses).
 
@@ -336,9 +345,10 @@ class Backbone(nn.Module):
     def _fused_norms(self) -> bool:
         """Whether :meth:`forward` may add each block's output to the stream inside the next block's norm
         (one ``rms_norm(..., residual=...)`` kernel instead of an add, a norm and a cast): without
-        autograd and autocast, with the standard blocks."""
+        autograd and autocast, with the standard blocks called plainly (not compiled, no hooks)."""
         return (not torch.is_grad_enabled() and not torch.is_autocast_enabled()
-                and all(type(block) is Block and type(block.norm) is RMSNorm for block in self.layers))
+                and all(type(block) is Block and type(block.norm) is RMSNorm and _called_plainly(block)
+                        and _called_plainly(block.norm) for block in self.layers))
 
     def _forward_fused_norms(self, x: torch.Tensor, cache: InferenceCache | None,
                              padding_mask: torch.Tensor | None, seqlen: int) -> tuple[torch.Tensor, dict]:
@@ -481,11 +491,14 @@ class CausalLM(nn.Module):
                                  f"tokens and {seqlen} more do not fit; allocate it with a larger max_seqlen")
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> InferenceCache:
+                       dtype: torch.dtype | None = None, ssm_state_dtype: torch.dtype | None = None) -> InferenceCache:
         """An empty :class:`InferenceCache`: one entry per block from its mixer (None for MLP / MoE).
 
-        device and dtype default to the embedding's.
+        device and dtype default to the embedding's. ssm_state_dtype: the Mamba layers' recurrent state
+        (default float32; bfloat16 / float16 halve it, as mamba_ssm keeps it: ``core.cache.ssm_state_dtype_for``);
+        the other mixers' caches do not depend on it.
         """
+        ssm_state_dtype_for(torch.float32, ssm_state_dtype)  # a bad value fails before any allocation
         if batch_size < 1 or max_seqlen < 1:
             raise ValueError(f"allocate_cache needs batch_size >= 1 and max_seqlen >= 1, got {batch_size}, "
                              f"{max_seqlen}")
@@ -499,6 +512,9 @@ class CausalLM(nn.Module):
                 if block.char in P.SEQUENCE_MIXERS:
                     raise TypeError(f"{type(block.mixer).__name__} has no allocate_cache (docs/architecture.md)")
                 layers.append(None)
+            elif ssm_state_dtype is not None and "ssm_state_dtype" in inspect.signature(allocate).parameters:
+                layers.append(allocate(batch_size, max_seqlen, device=device, dtype=dtype,
+                                       ssm_state_dtype=ssm_state_dtype))
             else:
                 layers.append(allocate(batch_size, max_seqlen, device=device, dtype=dtype))
         return InferenceCache(layers=layers, batch_size=batch_size, max_seqlen=max_seqlen)

@@ -28,12 +28,29 @@ from torch import nn
 
 T = TypeVar("T")
 
+SSM_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def ssm_state_dtype_for(cache_dtype: torch.dtype, ssm_state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of a Mamba layer's recurrent state: float32 by default (float64 for a float64 cache, so
+    that a float64 decode loses nothing), or ``ssm_state_dtype`` (float32 / bfloat16 / float16). In 16
+    bits the state is updated in float32 and rounded once a token, as mamba_ssm keeps it in the model
+    dtype: half the state memory and traffic, at the price of that rounding."""
+    if ssm_state_dtype is None:
+        return torch.float64 if cache_dtype == torch.float64 else torch.float32
+    if ssm_state_dtype not in SSM_STATE_DTYPES:
+        raise ValueError(f"ssm_state_dtype must be one of {[str(d).removeprefix('torch.') for d in SSM_STATE_DTYPES]} "
+                         f"(or None: float32), got {ssm_state_dtype}")
+    return ssm_state_dtype
+
+
 @dataclass
 class ConvSSMCache:
     """Mamba-1 / Mamba-2 state.
 
     conv_state: [B, conv_dim, d_conv - 1], the last inputs of the short convolution (model dtype).
-    ssm_state:  Mamba-1 [B, d_inner, d_state]; Mamba-2 [B, nheads, headdim, d_state]; float32.
+    ssm_state:  Mamba-1 [B, d_inner, d_state]; Mamba-2 [B, nheads, headdim, d_state]; float32 unless
+                allocated with another ``ssm_state_dtype`` (:func:`ssm_state_dtype_for`).
     """
 
     conv_state: torch.Tensor

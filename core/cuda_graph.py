@@ -274,7 +274,7 @@ class CUDAGraphRunner:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_seqlen: int, capture: bool,
-                 warmup_steps: int = 2) -> None:
+                 warmup_steps: int = 2, ssm_state_dtype: torch.dtype | None = None) -> None:
         device = next(model.parameters()).device
         if capture and device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device, it is on {device}")
@@ -283,7 +283,8 @@ class CUDAGraphRunner:
         # Ordinary tensors even when called under torch.inference_mode: the cache is updated in place
         # by later calls, which inference tensors would refuse outside that mode.
         with torch.inference_mode(False):
-            self.cache = model.allocate_cache(batch_size, max_seqlen, device=device)
+            self.cache = (model.allocate_cache(batch_size, max_seqlen, device=device) if ssm_state_dtype is None else
+                          model.allocate_cache(batch_size, max_seqlen, device=device, ssm_state_dtype=ssm_state_dtype))
             self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -473,9 +474,10 @@ class CUDAGraphDecoder:
         self.runners.clear()
         self._shape_keys.clear()
 
-    def runner(self, batch_size: int, max_seqlen: int) -> CUDAGraphRunner:
+    def runner(self, batch_size: int, max_seqlen: int, ssm_state_dtype: torch.dtype | None = None) -> CUDAGraphRunner:
         """The runner for this batch size and a cache of ``max_seqlen`` (captured on first use), with its
-        cache cleared (:meth:`CUDAGraphRunner.begin`)."""
+        cache cleared (:meth:`CUDAGraphRunner.begin`). ssm_state_dtype: the Mamba layers' state dtype
+        (``CausalLM.allocate_cache``; None: float32)."""
         model = self.model
         weights = _weights_key(model)
         if weights != self._weights:  # new weights: derived constants baked into the graphs are stale
@@ -484,12 +486,12 @@ class CUDAGraphDecoder:
         device = next(model.parameters()).device
         capture = device.type == "cuda" if self.capture is None else self.capture
         length, shapes = self._cache_length(model, batch_size, max_seqlen)
-        key = (batch_size, shapes, capture)
+        key = (batch_size, shapes, capture, ssm_state_dtype)
         runner = self.runners.pop(key, None)
         if runner is None:
             while len(self.runners) >= self.max_graphs:
                 self.runners.popitem(last=False)  # frees its cache before the new one is allocated
-            runner = CUDAGraphRunner(model, batch_size, length, capture, self.warmup_steps)
+            runner = CUDAGraphRunner(model, batch_size, length, capture, self.warmup_steps, ssm_state_dtype)
             self.captures += 1
         self.runners[key] = runner
         runner.begin(max_seqlen)

@@ -19,6 +19,7 @@ so the output does not depend on the interval.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from core.backbone import CausalLM
+from core.cache import ssm_state_dtype_for
 from core.cuda_graph import (
     CUDAGraphDecoder,
     bucketed_cache_length,
@@ -187,6 +189,7 @@ def generate(
     on_token: Callable[[int, torch.Tensor], None] | None = None,
     cuda_graph: bool | str | CUDAGraphDecoder = "auto",
     stop_check_interval: int | None = None,
+    ssm_state_dtype: torch.dtype | None = None,
 ) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -201,12 +204,20 @@ def generate(
         ``capture=False`` it runs the graph code path eagerly). Tokens are the same either way.
     stop_check_interval: with stop tokens, check every this many steps whether all rows stopped (each
         check waits for the GPU); default 1 on CPU, 8 on CUDA. The output does not depend on it.
+    ssm_state_dtype: the Mamba layers' recurrent state during generation: None (float32), or bfloat16 /
+        float16, updated in float32 and rounded once a token as mamba_ssm keeps it (half the state's
+        memory and traffic; the tokens may then differ from float32's where two logits nearly tie).
     A sequence stops after emitting any of ``stop_tokens``; generation ends when all have stopped.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_check_interval is not None and stop_check_interval < 1:
         raise ValueError(f"stop_check_interval must be >= 1, got {stop_check_interval}")
+    if ssm_state_dtype is not None:
+        ssm_state_dtype_for(torch.float32, ssm_state_dtype)  # names the allowed dtypes
+        if "ssm_state_dtype" not in inspect.signature(model.allocate_cache).parameters:
+            raise ValueError(f"ssm_state_dtype: {type(model).__name__}.allocate_cache takes no ssm_state_dtype; "
+                             "leave it None (float32 states)")
     device = next(model.parameters()).device
     ids, padding_mask = left_pad(prompts, pad_token_id, device)
     batch, prompt_len = ids.shape
@@ -223,12 +234,13 @@ def generate(
         max_seqlen = prompt_len + max_new_tokens
         captured = False
         if decoder is not None:
-            runner = decoder.runner(batch, max_seqlen)
+            runner = decoder.runner(batch, max_seqlen, ssm_state_dtype)
             cache, step_fn, captured = runner.cache, runner.step, runner.captured
         else:
             # The graph decoder's cache length, so that eager and graph steps add in the same order.
             length = bucketed_cache_length(model, batch, max_seqlen)[0] if isinstance(model, CausalLM) else max_seqlen
-            cache = model.allocate_cache(batch, length, device=device)
+            cache = (model.allocate_cache(batch, length, device=device) if ssm_state_dtype is None else
+                     model.allocate_cache(batch, length, device=device, ssm_state_dtype=ssm_state_dtype))
 
             def step_fn(token: torch.Tensor) -> torch.Tensor:
                 return decode_step(model, token, cache)

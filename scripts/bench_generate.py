@@ -55,6 +55,7 @@ QUICK_LATENCY_PRESETS = ["hybrid-tiny", "transformer++-tiny"]
 MAMBA_SSM_REFERENCE = {1: 1003.0, 64: 51_600.0}
 TARGET_FACTOR = {1: 3.0, 64: 1.5}
 WARMUP_STEPS = 3  # latency: steps replayed before timing
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --ssm-state-dtype
 
 
 def log(message: str) -> None:
@@ -149,7 +150,7 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
     torch.manual_seed(1)
     ids = torch.randint(0, min(vocab, 50_000), (batch, args.prompt_len), device=device)
     decoder = CUDAGraphDecoder(model, max_graphs=1, capture=None if device.type == "cuda" else False)
-    kwargs = dict(max_new_tokens=args.new_tokens, temperature=0)
+    kwargs = dict(max_new_tokens=args.new_tokens, temperature=0, ssm_state_dtype=STATE_DTYPES[args.ssm_state_dtype])
 
     log(f"[throughput] {preset} batch {batch}: eager reference run")
     eager = generate(model, ids, cuda_graph=False, **kwargs)
@@ -191,7 +192,8 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
     fresh cache, as generate runs it), one graph-replayed step, and the kernels of one whole call by
     device time and by host time (torch.profiler)."""
     batch, prompt_len = ids.shape
-    cache = model.allocate_cache(batch, prompt_len + kwargs["max_new_tokens"], device=device)
+    cache = model.allocate_cache(batch, prompt_len + kwargs["max_new_tokens"], device=device,
+                                 ssm_state_dtype=kwargs["ssm_state_dtype"])
 
     def prefill() -> None:
         cache.reset()
@@ -200,7 +202,7 @@ def breakdown(model: CausalLM, ids: torch.Tensor, decoder: CUDAGraphDecoder, kwa
 
     prefill()
     prefill_ms = 1e3 * statistics.mean(timed(prefill, device) for _ in range(repeats))
-    runner = decoder.runner(batch, prompt_len + kwargs["max_new_tokens"])
+    runner = decoder.runner(batch, prompt_len + kwargs["max_new_tokens"], kwargs["ssm_state_dtype"])
 
     def runner_prefill() -> None:  # as generate runs it: a replayed graph once this length was seen
         runner.begin(prompt_len + kwargs["max_new_tokens"])
@@ -394,6 +396,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="per throughput row, print (stderr) the prefill's and one step's time and the "
                              "prefill's kernels by device and host time")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--ssm-state-dtype", choices=sorted(STATE_DTYPES), default="float32",
+                        help="our Mamba layers' recurrent state in the throughput rows (mamba_ssm keeps it in the "
+                             "model dtype, bfloat16 here; default float32)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = dict(
@@ -440,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         mamba_ssm.clear()
         release(device)
         out.append(f"### Throughput: prompt {args.prompt_len} + {args.new_tokens} new tokens (tok/s = batch x "
-                   f"new tokens / time of the whole generate call, prefill included; mean of {args.repeats})\n\n"
+                   f"new tokens / time of the whole generate call, prefill included; mean of {args.repeats}; our Mamba "
+                   f"states in {args.ssm_state_dtype})\n\n"
                    + throughput_table(rows))
 
     if args.only in (None, "latency"):

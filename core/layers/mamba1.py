@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.cache import ConvSSMCache
+from core.cache import ConvSSMCache, ssm_state_dtype_for
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
@@ -93,13 +93,13 @@ class Mamba1(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias, **factory)
 
     def allocate_cache(self, batch_size: int, max_seqlen: int | None = None, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> ConvSSMCache:
+                       dtype: torch.dtype | None = None, ssm_state_dtype: torch.dtype | None = None) -> ConvSSMCache:
         """Zero states: conv_state [B, d_inner, d_conv - 1] (model dtype), ssm_state [B, d_inner, d_state]
-        (float32; float64 for a float64 model, so that a float64 decode loses nothing). The state does not
-        grow with the sequence, so ``max_seqlen`` is not needed."""
+        (float32 by default; float64 for a float64 model; ``ssm_state_dtype``: core.cache.ssm_state_dtype_for).
+        The state does not grow with the sequence, so ``max_seqlen`` is not needed."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        state_dtype = ssm_state_dtype_for(dtype, ssm_state_dtype)
         return ConvSSMCache(
             conv_state=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=state_dtype),
@@ -146,8 +146,12 @@ class Mamba1(nn.Module):
             result = selective_scan(
                 xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D,
                 z=z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
-                # A clone: the cache is overwritten below, after autograd may have saved its state.
-                initial_state=None if cache is None else cache.ssm_state.clone(),
+                # A copy: the cache is overwritten below, after autograd may have saved its state. A 16-bit
+                # state goes in as float32, the dtype the scan computes in: the same compiled kernel as
+                # a float32 cache (the Triton forward compiled for a bf16 initial state rounded y's last
+                # bits differently on an H100).
+                initial_state=None if cache is None else
+                cache.ssm_state.clone() if cache.ssm_state.dtype.itemsize >= 4 else cache.ssm_state.float(),
                 return_final_state=cache is not None)
             if cache is not None:
                 y, ssm_final = result

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from core.cache import ConvSSMCache
+from core.cache import ConvSSMCache, ssm_state_dtype_for
 from core.config import Mamba2Config
 from core.layers.norm import GatedRMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
@@ -90,12 +90,13 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=config.bias, **factory)
 
     def allocate_cache(self, batch_size: int, max_seqlen: int | None = None, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> ConvSSMCache:
+                       dtype: torch.dtype | None = None, ssm_state_dtype: torch.dtype | None = None) -> ConvSSMCache:
         """Zero states: conv_state [B, conv_dim, d_conv - 1] (model dtype), ssm_state [B, nheads, headdim,
-        d_state] (float32; float64 for a float64 model, so a float64 decode loses nothing)."""
+        d_state] (float32 by default; float64 for a float64 model; ``ssm_state_dtype``:
+        core.cache.ssm_state_dtype_for)."""
         device = self.in_proj.weight.device if device is None else device
         dtype = self.in_proj.weight.dtype if dtype is None else dtype
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        state_dtype = ssm_state_dtype_for(dtype, ssm_state_dtype)
         return ConvSSMCache(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,

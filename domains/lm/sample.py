@@ -8,7 +8,7 @@ character), so the streamed text equals the final decode.
 
 On CUDA the decoding steps replay a CUDA graph (``cuda_graph=auto``); ``dtype`` casts the model (e.g.
 ``dtype=bfloat16`` for fast GPU decoding); ``prefill_chunk_size`` bounds the prefill's memory for long
-prompts.
+prompts; ``ssm_state_dtype=bfloat16`` keeps the Mamba layers' states in 16 bits (half their memory).
 """
 
 from __future__ import annotations
@@ -57,7 +57,18 @@ def cuda_graph_mode(value: object) -> bool | str:
     raise ValueError(f"cuda_graph={value!r}: choose auto (graphs on CUDA), true or false")
 
 
+def state_dtype(name: object) -> torch.dtype | None:
+    """``ssm_state_dtype``: null (float32 Mamba states) or a 16-bit dtype's name (half the state, rounded
+    once a token, as mamba_ssm keeps it)."""
+    if name is None or name == "float32":
+        return None
+    if name not in ("bfloat16", "float16"):
+        raise ValueError(f"ssm_state_dtype={name!r}: choose null (float32), bfloat16 or float16")
+    return DTYPES[name]
+
+
 def sample(cfg: DictConfig) -> list[str]:
+    ssm_state_dtype = state_dtype(cfg.get("ssm_state_dtype"))  # a typo fails before the model loads
     folder = export_folder(cfg.checkpoint)
     info = read_export_info(folder)
     if info.tokenizer_path is None:
@@ -88,7 +99,8 @@ def sample(cfg: DictConfig) -> list[str]:
                    stop_tokens=[tokenizer.eot_id] if cfg.stop_at_eot else [], pad_token_id=tokenizer.pad_id,
                    prefill_chunk_size=int(chunk) if chunk else None,
                    on_token=on_token if stream else None,
-                   cuda_graph=cuda_graph_mode(cfg.get("cuda_graph", "auto")))
+                   cuda_graph=cuda_graph_mode(cfg.get("cuda_graph", "auto")),
+                   ssm_state_dtype=ssm_state_dtype)
     elapsed = time.perf_counter() - started
     texts = [tokenizer.decode([t for t in seq if t != tokenizer.eot_id]) for seq in out.sequences()]
     if stream:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from kernels.dispatch import choose_backend
-from kernels.mamba_decode.reference import (decode_logits_reference, mamba1_decode_block_reference,
+from kernels.mamba_decode.reference import (STATE_DTYPES, decode_logits_reference, mamba1_decode_block_reference,
                                              mamba1_scan_step_reference, mamba2_decode_block_reference)
 
 __all__ = ["decode_logits", "decode_logits_backend", "decode_logits_unsupported", "mamba1_decode_block",
@@ -154,7 +154,8 @@ def mamba1_decode_block(
 
     x: the previous block's output [B, d_model] not yet added to the stream (None when ``residual``
     already holds it); residual: the stream [B, d_model] (None for the first block). conv_state
-    [B, d_inner, d_conv - 1] and ssm_state [B, d_inner, d_state] (float32) are updated in place.
+    [B, d_inner, d_conv - 1] and ssm_state [B, d_inner, d_state] (float32; or bfloat16 / float16, updated
+    in float32 and stored rounded) are updated in place.
     residual_dtype: the stream's dtype (default: residual's, else x's). residual_sumsq: the previous
     call's ``sumsq`` when x is None (lets the fused kernels skip a pass over the row).
 
@@ -187,7 +188,8 @@ def mamba1_scan_step(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, 
     """A Mamba-1 layer's decoding step from x_proj's output to the gated scan output: y = the selective
     state update with dt = softplus(dt_proj(x_dbl[:, :dt_rank]) + dt_bias), B and C from x_dbl, D skip and
     the z gate (``reference.mamba1_scan_step_reference``). x, z [B, d_inner] in the weights' dtype, x_dbl
-    [B, dt_rank + 2 d_state], ssm_state [B, d_inner, d_state] float32 (updated in place). Returns y
+    [B, dt_rank + 2 d_state], ssm_state [B, d_inner, d_state] float32 / bfloat16 / float16 (updated in
+    place, in float32, stored rounded). Returns y
     [B, d_inner]. The triton backend takes dt_proj inside the scan kernel: one kernel instead of two."""
     if x.dim() != 2 or A.dim() != 2 or dt_proj_weight.dim() != 2:
         raise ValueError(f"mamba1_scan_step: x [B, d_inner], A [d_inner, d_state], dt_proj_weight "
@@ -218,8 +220,8 @@ def mamba1_scan_step_unsupported(x: torch.Tensor, z: torch.Tensor, x_dbl: torch.
     dtypes = {x.dtype, z.dtype, x_dbl.dtype, dt_proj_weight.dtype}
     if len(dtypes) != 1 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x, z, x_dbl and dt_proj_weight must share one float16 / bfloat16 / float32 dtype, got {dtypes}"
-    if ssm_state.dtype != torch.float32:
-        return f"ssm_state must be float32, got {ssm_state.dtype}"
+    if ssm_state.dtype not in STATE_DTYPES:
+        return f"ssm_state must be float32, bfloat16 or float16, got {ssm_state.dtype}"
     if d_state > 256:
         return f"d_state {d_state} > 256 (the state tile lives in registers)"
     return None
@@ -316,7 +318,8 @@ def mamba2_decode_block(
     ``reference.mamba2_decode_block_reference`` for the semantics and shapes.
 
     x / residual / residual_dtype / residual_sumsq as in :func:`mamba1_decode_block`. conv_state
-    [B, conv_dim, d_conv - 1] and ssm_state [B, H, P, N] (float32) are updated in place. dt_limit: the
+    [B, conv_dim, d_conv - 1] and ssm_state [B, H, P, N] (float32, or bfloat16 / float16 stored rounded) are
+    updated in place. dt_limit: the
     clamp of the discretized dt, (min, max). Returns (residual_out [B, d_model] in residual_dtype,
     sumsq [P, B] float32: summed over P, the squares of residual_out's rows).
     """

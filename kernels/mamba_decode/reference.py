@@ -41,6 +41,9 @@ from kernels.norm import rms_norm
 from kernels.selective_scan import selective_scan_step
 from kernels.ssd import ssd_step
 
+# The recurrent state's dtypes the Triton steps take. The state is updated in float32 and stored rounded
+# to its dtype, as the reference steps (selective_scan_step, ssd_step) do; y uses the unrounded update.
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

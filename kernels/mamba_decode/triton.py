@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv, next_power_of_2
+from kernels.mamba_decode.reference import STATE_DTYPES
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
 from kernels.selective_scan.triton import _softplus  # the scan step's softplus, for equal dt
 
@@ -721,8 +722,9 @@ def mamba1_decode_block_triton(
     if reason is not None:
         raise ValueError(f"mamba1_decode_block (triton): {reason}; use the op-by-op step "
                          "(SSM_SUITE_BACKEND_MAMBA1_DECODE_BLOCK=reference)")
-    if ssm_state.dtype != torch.float32:
-        raise ValueError(f"mamba1_decode_block (triton): ssm_state must be float32, got {ssm_state.dtype}")
+    if ssm_state.dtype not in STATE_DTYPES:
+        raise ValueError(f"mamba1_decode_block (triton): ssm_state must be float32, bfloat16 or float16, got "
+                         f"{ssm_state.dtype}")
     if conv_state.shape[0] > MAX_ROWS:
         raise ValueError(f"mamba1_decode_block (triton): batch {conv_state.shape[0]} exceeds {MAX_ROWS}; "
                          "split the batch")
@@ -746,12 +748,14 @@ def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tenso
     """``reference.mamba1_scan_step_reference`` as kernel 2 of the fused block (``_scan_kernel``) on
     x_proj's output: dt_proj is a product inside the scan instead of a separate matmul, rounded where
     F.linear rounds it. At batch 64 a 130M model's dt_proj matmul is a ~4.5 us kernel in every layer
-    (docs/kernels/mamba_decode.md). ssm_state float32, updated in place; returns y [B, d_inner]."""
+    (docs/kernels/mamba_decode.md). ssm_state float32 / bfloat16 / float16, updated in place (in float32,
+    stored rounded); returns y [B, d_inner]."""
     batch, d_inner = x.shape
     d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
     wdt = dt_proj_weight.dtype
-    if ssm_state.dtype != torch.float32:
-        raise ValueError(f"mamba1_scan_step (triton): ssm_state must be float32, got {ssm_state.dtype}")
+    if ssm_state.dtype not in STATE_DTYPES:
+        raise ValueError(f"mamba1_scan_step (triton): ssm_state must be float32, bfloat16 or float16, got "
+                         f"{ssm_state.dtype}")
     if batch > MAX_ROWS:
         raise ValueError(f"mamba1_scan_step (triton): batch {batch} exceeds {MAX_ROWS}; split the batch")
     cfg = tiles(batch, 1, d_inner, d_state, dt_rank, dt_proj_weight.element_size())  # kernel 2's tiles

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv
+from kernels.mamba_decode.reference import STATE_DTYPES
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
 from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _acc_add, _acc_sum, _acc_zeros, _clamp,
                                          _conv_inputs, _norm_in_proj, _norm_rows_product, _pick, _pow2, _round,
@@ -473,8 +474,9 @@ def mamba2_decode_block_triton(
     if reason is not None:
         raise ValueError(f"mamba2_decode_block (triton): {reason}; use the op-by-op step "
                          "(SSM_SUITE_BACKEND_MAMBA2_DECODE_BLOCK=reference)")
-    if ssm_state.dtype != torch.float32:
-        raise ValueError(f"mamba2_decode_block (triton): ssm_state must be float32, got {ssm_state.dtype}")
+    if ssm_state.dtype not in STATE_DTYPES:
+        raise ValueError(f"mamba2_decode_block (triton): ssm_state must be float32, bfloat16 or float16, got "
+                         f"{ssm_state.dtype}")
     if batch * nheads > 2**31 - 1 or cdiv(batch, 16) > 65535:
         raise ValueError(f"mamba2_decode_block (triton): batch {batch} exceeds the launch grid ({MAX_ROWS} rows "
                          f"and batch x nheads < 2^31); split the batch")

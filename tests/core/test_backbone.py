@@ -440,3 +440,20 @@ def test_inference_forward_fuses_the_residual_add_into_the_norm(monkeypatch, pat
         for name in ("conv_state", "ssm_state", "key", "value", "valid", "short_state"):
             if hasattr(b, name) and isinstance(getattr(b, name), torch.Tensor):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_inference_forward_keeps_hooks_and_compiled_blocks():
+    # A hook on a block or its norm (a probe) still fires: such blocks take Block.forward.
+    model = CausalLM(small_config("S-")).eval()
+    ids = torch.randint(0, 250, (1, 5))
+    seen = []
+    handle = model.backbone.layers[1].norm.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    with torch.no_grad():
+        hooked = model(ids).logits
+    handle.remove()
+    assert seen == [(1, 5, 32)]
+    assert not model.backbone._fused_norms() or torch.is_grad_enabled()
+    with torch.no_grad():
+        assert model.backbone._fused_norms() and torch.equal(model(ids).logits, hooked)
+        model.backbone.layers[0].forward = model.backbone.layers[0].forward  # as compile_blocks replaces it
+        assert not model.backbone._fused_norms()

@@ -84,6 +84,39 @@ def test_decode_float32_close_to_forward():
     assert rel_err(steps, full) < 1e-4
 
 
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_ssm_states(state_dtype):
+    # The Mamba layers' state in 16 bits (as mamba_ssm keeps it): allocated so, rounded once a token (the
+    # logits move, a little), and the graph decoder's path gives the eager path's tokens.
+    from core.cuda_graph import CUDAGraphDecoder
+
+    config = mixed_config()
+    model = build(config, torch.float32)
+    cache = model.allocate_cache(2, 12, ssm_state_dtype=state_dtype)
+    kinds = {c: type(layer).__name__ for c, layer in zip(config.pattern, cache.layers)}
+    assert [layer.ssm_state.dtype for c, layer in zip(config.pattern, cache.layers) if c in "SM"] == [state_dtype] * 2
+    assert kinds["*"] == "KVCache" and cache.layers[config.pattern.index("*")].key.dtype == torch.float32
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref_cache = model.allocate_cache(2, 12)
+        model(ids[:, :5], cache=ref_cache)
+        want = torch.cat([model(ids[:, t:t + 1], cache=ref_cache).logits for t in range(5, 9)], dim=1)
+        model(ids[:, :5], cache=cache)
+        got = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 9)], dim=1)
+    assert 0 < rel_err(got, want) < 2e-2
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1, 8]]
+    eager = generate(model, prompts, max_new_tokens=6, temperature=0, cuda_graph=False,
+                     ssm_state_dtype=state_dtype).sequences()
+    decoder = CUDAGraphDecoder(model, capture=False)
+    graph_path = generate(model, prompts, max_new_tokens=6, temperature=0, ssm_state_dtype=state_dtype,
+                          cuda_graph=decoder).sequences()
+    assert eager == graph_path
+    (runner,) = decoder.runners.values()
+    assert runner.cache.layers[0].ssm_state.dtype == state_dtype
+    with pytest.raises(ValueError, match="bfloat16"):
+        generate(model, prompts, max_new_tokens=2, ssm_state_dtype=torch.int8)
+
+
 def test_chunked_prefill_equals_whole_prefill():
     model = build(mixed_config())
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1, 8]]

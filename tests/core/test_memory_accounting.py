@@ -52,10 +52,10 @@ def measured_by_kind(cache) -> tuple[list[dict[str, int]], int]:
 
 
 def check_against_allocation(config: ModelConfig, seqlen: int, batch: int, dtype: torch.dtype,
-                             device: str) -> None:
+                             device: str, ssm_state_dtype: torch.dtype | None = None) -> None:
     model = CausalLM(config, device=device, dtype=dtype if device == "cpu" else None)
-    cache = model.allocate_cache(batch, seqlen, device=device, dtype=dtype)
-    expected = cache_bytes(config, seqlen=seqlen, batch=batch, dtype=dtype)
+    cache = model.allocate_cache(batch, seqlen, device=device, dtype=dtype, ssm_state_dtype=ssm_state_dtype)
+    expected = cache_bytes(config, seqlen=seqlen, batch=batch, dtype=dtype, ssm_state_dtype=ssm_state_dtype)
     per_layer, other = measured_by_kind(cache)
     assert len(per_layer) == len(expected.per_layer) == len(config.pattern)
     for i, (got, want) in enumerate(zip(per_layer, expected.per_layer)):
@@ -75,6 +75,23 @@ def s4d_config() -> ModelConfig:
 def test_formula_equals_an_allocated_cache_on_cpu(name, dtype):
     config = s4d_config() if name == "s4d" else get_preset(name)
     check_against_allocation(config, seqlen=40, batch=3, dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["mamba1-tiny", "mamba2-tiny", "jamba-tiny", "s4d"])
+def test_sixteen_bit_ssm_states_halve_the_state(name):
+    config = s4d_config() if name == "s4d" else get_preset(name)
+    check_against_allocation(config, seqlen=40, batch=3, dtype=torch.bfloat16, device="cpu",
+                             ssm_state_dtype=torch.bfloat16)
+    full = cache_bytes(config, seqlen=40, batch=3)
+    half = cache_bytes(config, seqlen=40, batch=3, ssm_state_dtype=torch.float16)
+    if name == "s4d":  # S4D's complex state is not a Mamba state
+        assert half.by_kind == full.by_kind
+    else:
+        assert 2 * half.by_kind["ssm_state"] == full.by_kind["ssm_state"] > 0
+        assert {k: v for k, v in half.by_kind.items() if k != "ssm_state"} == \
+            {k: v for k, v in full.by_kind.items() if k != "ssm_state"}
+    with pytest.raises(ValueError, match="ssm_state_dtype"):
+        cache_bytes(config, seqlen=40, ssm_state_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.endswith("-tiny")])

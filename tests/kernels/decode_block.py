@@ -63,3 +63,15 @@ def run_block(op: Callable, op_name: str, backend: str, args: dict) -> tuple[dic
     outs = {"delta": res_out.double() - stream_in(args), "sumsq": sumsq.double().sum(0),
             "conv_state": args["conv_state"], "ssm_state": args["ssm_state"]}
     return outs, res_out
+
+
+def check_sixteen_bit_state(op: Callable, op_name: str, args: dict, state_dtype: torch.dtype) -> None:
+    """A block step with its state in 16 bits (generate(ssm_state_dtype=...), as mamba_ssm keeps it): the
+    Triton kernels load it, update it in float32 and store it rounded, as the reference steps do."""
+    args = {**args, "ssm_state": args["ssm_state"].to(state_dtype)}
+    ours, _ = run_block(op, op_name, "triton", args)
+    ref, _ = run_block(op, op_name, "reference", args)
+    assert ours["ssm_state"].dtype == state_dtype
+    for key in ref:
+        assert rel(ours[key], ref[key]) < 2e-2, key
+    assert rel(ours["ssm_state"], args["ssm_state"]) > 1e-2  # the state moved

@@ -35,7 +35,7 @@ from kernels.dispatch import forced_backend  # noqa: E402
 
 # The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_block import DEVICE, copy, rel, run_block, stream_in, with_stream  # noqa: E402
+from decode_block import DEVICE, check_sixteen_bit_state, copy, rel, run_block, stream_in, with_stream  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
@@ -260,3 +260,8 @@ def test_layers_the_fused_step_refuses():
     assert "norm_before_gate" in Mamba2(16, Mamba2Config(d_state=8, headdim=8,
                                                          norm_before_gate=True)).fused_step_unsupported()
     assert "float64" in Mamba2(16, Mamba2Config(d_state=8, headdim=8)).double().fused_step_unsupported()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_states_are_updated_in_float32_and_stored_rounded(state_dtype):
+    check_sixteen_bit_state(mamba2_decode_block, OP, make(3, dtype=torch.bfloat16, seed=6), state_dtype)

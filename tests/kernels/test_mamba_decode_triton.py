@@ -34,7 +34,7 @@ from kernels.dispatch import forced_backend  # noqa: E402
 
 # The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_block import DEVICE, copy, rel, run_block, stream_in, with_stream  # noqa: E402
+from decode_block import DEVICE, check_sixteen_bit_state, copy, rel, run_block, stream_in, with_stream  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
@@ -274,6 +274,21 @@ def test_scan_step_bfloat16_rounds_like_the_op_by_op_step(batch):
     y_ref, state_ref = run_scan_step("reference", args)
     assert y.dtype == torch.bfloat16
     assert rel(y, y_ref) < 1e-2 and rel(state, state_ref) < 1e-3
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [2, 17])  # GEMV and tl.dot tiles
+def test_sixteen_bit_states_are_updated_in_float32_and_stored_rounded(state_dtype, batch):
+    # The state in 16 bits (generate(ssm_state_dtype=...), as mamba_ssm keeps it): both kernels load it,
+    # update it in float32 and store it rounded, as the reference steps do.
+    args = scan_step_args(batch, d_inner=64, d_state=16, dt_rank=4, dtype=torch.bfloat16, seed=3)
+    args["ssm_state"] = args["ssm_state"].to(state_dtype)
+    y, state = run_scan_step("triton", args)
+    y_ref, state_ref = run_scan_step("reference", args)
+    assert state.dtype == state_dtype and rel(state, state_ref) < 1e-2 and rel(y, y_ref) < 1e-2
+    assert rel(state, args["ssm_state"]) > 1e-2  # the state moved
+    check_sixteen_bit_state(mamba1_decode_block, "mamba1_decode_block", make(batch, dtype=torch.bfloat16, seed=4),
+                            state_dtype)
 
 
 def test_scan_step_rejects_what_its_kernel_cannot_take():

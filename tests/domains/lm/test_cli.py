@@ -72,6 +72,11 @@ def test_train_eval_generate(corpus: Path, tmp_path: Path, monkeypatch, capsys):
     texts = sample(lm_config("generate", [f"checkpoint={run}", f"prompts_file={prompts}", "max_new_tokens=4"]))
     assert len(texts) == 2
     assert "tok/s" in capsys.readouterr().err
+    texts = sample(lm_config("generate", [f"checkpoint={run}", "prompt=The model", "max_new_tokens=3",
+                                          "stream=false", "ssm_state_dtype=bfloat16"]))
+    assert len(texts) == 1
+    with pytest.raises(ValueError, match="ssm_state_dtype='int8'"):
+        sample(lm_config("generate", [f"checkpoint={run}", "prompt=x", "ssm_state_dtype=int8"]))
 
 
 def test_resume_reproduces_the_uninterrupted_run(corpus: Path, tmp_path: Path, monkeypatch):
