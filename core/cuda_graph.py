@@ -264,6 +264,15 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
 # One captured step
 # --------------------------------------------------------------------------------------------------
 
+def allocate_decode_cache(model: nn.Module, batch_size: int, max_seqlen: int, device: torch.device,
+                          ssm_state_dtype: torch.dtype | None = None) -> InferenceCache:
+    """``model.allocate_cache`` on ``device``, passing ``ssm_state_dtype`` only when one is asked for (not
+    every model's allocate_cache takes it: generate checks that first)."""
+    if ssm_state_dtype is None:
+        return model.allocate_cache(batch_size, max_seqlen, device=device)
+    return model.allocate_cache(batch_size, max_seqlen, device=device, ssm_state_dtype=ssm_state_dtype)
+
+
 class CUDAGraphRunner:
     """A decoding step for one batch size and cache shape: static cache, input ids and logits, and the
     CUDA graph that runs :func:`decode_step` on them (or, with ``capture=False``, the same step run
@@ -283,8 +292,7 @@ class CUDAGraphRunner:
         # Ordinary tensors even when called under torch.inference_mode: the cache is updated in place
         # by later calls, which inference tensors would refuse outside that mode.
         with torch.inference_mode(False):
-            self.cache = (model.allocate_cache(batch_size, max_seqlen, device=device) if ssm_state_dtype is None else
-                          model.allocate_cache(batch_size, max_seqlen, device=device, ssm_state_dtype=ssm_state_dtype))
+            self.cache = allocate_decode_cache(model, batch_size, max_seqlen, device, ssm_state_dtype)
             self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -30,6 +30,7 @@ from core.backbone import CausalLM
 from core.cache import ssm_state_dtype_for
 from core.cuda_graph import (
     CUDAGraphDecoder,
+    allocate_decode_cache,
     bucketed_cache_length,
     decode_step,
     graph_decoder,
@@ -239,8 +240,7 @@ def generate(
         else:
             # The graph decoder's cache length, so that eager and graph steps add in the same order.
             length = bucketed_cache_length(model, batch, max_seqlen)[0] if isinstance(model, CausalLM) else max_seqlen
-            cache = (model.allocate_cache(batch, length, device=device) if ssm_state_dtype is None else
-                     model.allocate_cache(batch, length, device=device, ssm_state_dtype=ssm_state_dtype))
+            cache = allocate_decode_cache(model, batch, length, device, ssm_state_dtype)
 
             def step_fn(token: torch.Tensor) -> torch.Tensor:
                 return decode_step(model, token, cache)

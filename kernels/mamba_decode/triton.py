@@ -569,23 +569,29 @@ def tiles(batch: int, d_model: int, d_inner: int, d_state: int, dt_rank: int, it
     # with its loads before the wait and all partials in one tile.
     # Measured on an H100 (docs/kernels/mamba_decode.md): mamba1-130m's step at batch 1 went from 0.43 to
     # 0.28 ms; more warps pay only once a product passes 4 warps' worth (batch 4).
-    small = TILES["small"]
-    pre = not cfg["DOT"] and small["pre"]
-    per_warp, max_warps = small["pre_elems_per_warp"], small["pre_max_warps"]
-    limit = per_warp * max_warps
-    products = {"1": cfg["BB1"] * cfg["BC"] * _pow2(d_model), "3": cfg["BB3"] * cfg["BN"] * _pow2(d_inner)}
-    for k, elems in products.items():
-        cfg[f"PRE{k}"] = pre and elems <= limit
-        if cfg[f"PRE{k}"]:
-            cfg[f"warps{k}"] = _clamp(elems // per_warp, cfg[f"warps{k}"], max_warps)
-    cfg["PRE2"] = pre
-    if cfg["PRE1"]:
-        cfg["BK1"] = _pow2(d_model)
-    if cfg["PRE3"]:
-        cfg["BK3"] = _pow2(d_inner)
+    whole_row_tiles(cfg, TILES["small"], d_model, d_inner)
     if cfg["PRE2"]:
+        per_warp = TILES["small"]["pre_elems_per_warp"]
         cfg["BP"] = _clamp(4 * per_warp // (cfg["BB2"] * max(cfg["BR"], bns)), cfg["BP"], _pow2(np_rows))
     return cfg
+
+
+def whole_row_tiles(cfg: dict, small: dict, row1: int, row3: int, allow3: bool = True) -> None:
+    """Both block steps' choice of whole-row kernels (GEMV tiles only), in place: kernel 1 (PRE1) over a
+    row of ``row1`` features and kernel 3 (PRE3, where ``allow3``) over ``row3`` take whole rows where the
+    product stays within ``small``'s "pre_elems_per_warp" elements a warp at up to "pre_max_warps" warps
+    (then BK1 / BK3 span the row and the warps grow with the product); kernel 2 (PRE2) wherever the
+    GEMV tiles run with "pre" on."""
+    pre = not cfg["DOT"] and small["pre"]
+    per_warp, max_warps = small["pre_elems_per_warp"], small["pre_max_warps"]
+    rows = {"1": (row1, cfg["BB1"] * cfg["BC"]), "3": (row3, cfg["BB3"] * cfg["BN"])}
+    for k, (row, tile) in rows.items():
+        elems = tile * _pow2(row)
+        cfg[f"PRE{k}"] = pre and elems <= per_warp * max_warps and (k == "1" or allow3)
+        if cfg[f"PRE{k}"]:
+            cfg[f"warps{k}"] = _clamp(elems // per_warp, cfg[f"warps{k}"], max_warps)
+            cfg[f"BK{k}"] = _pow2(row)
+    cfg["PRE2"] = pre
 
 
 def unsupported(d_model: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int,

@@ -44,7 +44,7 @@ from kernels.mamba_decode.reference import STATE_DTYPES
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_l2, prefetch_rows_l2, wait_for_prior_kernel
 from kernels.mamba_decode.triton import (MAX_ROWS, MAX_WIDTH, _acc_add, _acc_sum, _acc_zeros, _clamp,
                                          _conv_inputs, _norm_in_proj, _norm_rows_product, _pick, _pow2, _round,
-                                         _rows, _store_residual, _whole_rows)
+                                         _rows, _store_residual, _whole_rows, whole_row_tiles)
 from kernels.ssd.triton import _discretize  # the ssd step's dt (bias, softplus, clamp), for equal dt
 
 MAX_DSTATE = 256
@@ -325,19 +325,7 @@ def tiles(batch: int, d_model: int, d_inner: int, nheads: int, headdim: int, d_s
     cfg["NQ"] = cdiv(d_model, cfg["BN"])
     # Whole-row kernels (GEMV only; kernel 3 for one norm group): kernel 1 over all of d_model, kernel 3
     # over all of d_inner, kernel 2 with its state loaded before the wait.
-    small = TILES["small"]
-    pre = not cfg["DOT"] and small["pre"]
-    per_warp, max_warps = small["pre_elems_per_warp"], small["pre_max_warps"]
-    products = {"1": cfg["BB1"] * cfg["BC"] * _pow2(d_model), "3": cfg["BB3"] * cfg["BN"] * _pow2(group_size)}
-    for k, elems in products.items():
-        cfg[f"PRE{k}"] = pre and elems <= per_warp * max_warps and (k == "1" or ngroups == 1)
-        if cfg[f"PRE{k}"]:
-            cfg[f"warps{k}"] = _clamp(elems // per_warp, cfg[f"warps{k}"], max_warps)
-    cfg["PRE2"] = pre
-    if cfg["PRE1"]:
-        cfg["BK1"] = _pow2(d_model)
-    if cfg["PRE3"]:
-        cfg["BK3"] = _pow2(group_size)
+    whole_row_tiles(cfg, TILES["small"], d_model, group_size, allow3=ngroups == 1)
     return cfg
 
 
