@@ -60,9 +60,10 @@ from core.cache import InferenceCache
 from core.layers.mamba1 import Mamba1
 from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
-from kernels.mamba_decode import (decode_logits, decode_logits_backend, decode_logits_unsupported,
-                                  mamba1_decode_backend, mamba1_decode_block, mamba2_decode_backend,
-                                  mamba2_decode_block)
+from kernels.mamba_decode import (add_norm_partials, decode_logits, decode_logits_backend, decode_logits_unsupported,
+                                  linear_partials_backend, mamba1_decode_backend, mamba1_decode_block,
+                                  mamba2_decode_backend, mamba2_decode_block)
+from kernels.mamba_decode.reference import sum_partials
 from kernels.norm import rms_norm
 
 LENGTH_BUCKET = 128  # caches that grow with the sequence are allocated to a multiple of this
@@ -75,6 +76,11 @@ FUSED_MAMBA1_MAX_BATCH: int | None = 4
 # SSM_SUITE_FUSED_MAMBA2_DECODE=0 turns it off (every batch op by op).
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"
 FUSED_MAMBA2_MAX_BATCH: int | None = 4
+# Larger batches, up to this many rows, run Mamba-1 blocks op by op with x_proj and out_proj as split-K
+# partial products (Mamba1.step_partials, kernels.mamba_decode.linear_partials) where that op runs its
+# Triton backend (CUDA by default): measured on an H100 at batch 64 (docs/kernels/mamba_decode.md,
+# "Split-K"); beyond it cuBLAS's matmuls take over again.
+PARTIALS_MAMBA1_MAX_BATCH: int | None = 64
 # Prefill graphs (CUDAGraphRunner.prefill): prompts of at most this many tokens (batch x length), and
 # this many prompt lengths kept per runner (each holds its activations in its own memory pool).
 PREFILL_GRAPH_MAX_TOKENS = 2048
@@ -152,6 +158,24 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
     return [isinstance(block.mixer, Mamba1) and block.mixer.fused_step_unsupported() is None for block in layers]
 
 
+def partials_mamba1_blocks(model: nn.Module, batch_size: int = 1,
+                           device: torch.device | str | None = None) -> list[bool]:
+    """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it op by op with its
+    x_proj and out_proj as split-K partial products (:meth:`~core.layers.mamba1.Mamba1.step_partials`): a
+    Mamba-1 block that takes it, at a batch too large for the fused block step (past
+    ``FUSED_MAMBA1_MAX_BATCH``) and at most ``PARTIALS_MAMBA1_MAX_BATCH`` rows, where ``linear_partials``
+    runs its Triton backend. Empty for models that decode through their own forward."""
+    if not _fusable(model):
+        return []
+    layers = model.backbone.layers
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    small = FUSED_MAMBA1_MAX_BATCH is None or batch_size <= FUSED_MAMBA1_MAX_BATCH
+    large = PARTIALS_MAMBA1_MAX_BATCH is not None and batch_size > PARTIALS_MAMBA1_MAX_BATCH
+    if small or large or linear_partials_backend(device) != "triton":
+        return [False] * len(layers)
+    return [isinstance(block.mixer, Mamba1) and block.mixer.partials_step_unsupported() is None for block in layers]
+
+
 def fused_logits(model: nn.Module, batch_size: int = 1, device: torch.device | str | None = None) -> bool:
     """Whether :func:`decode_step` ends with the one-kernel final norm + LM head + float32 logits
     (``kernels.mamba_decode.decode_logits``): a standard :class:`CausalLM` with a bias-free LM head, on a
@@ -194,6 +218,9 @@ def _blocks_path(model: nn.Module, batch_size: int) -> str:
     fused2 = fused_mamba2_blocks(model, batch_size)
     n1, n2, total = sum(fused1), sum(fused2), len(fused1)
     if n1 + n2 == 0:
+        split = sum(partials_mamba1_blocks(model, batch_size))
+        if split:
+            return f"op by op (fused add+norm; split-K in_proj / x_proj / out_proj in {split}/{total} blocks)"
         return "op by op (fused add+norm)"
     others = "" if n1 + n2 == total else "; others op by op"
     parts = [f"Mamba-{k} {n}/{total}" for k, n in ((1, n1), (2, n2)) if n]
@@ -222,11 +249,17 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     stream_dtype = upcast_residual(out).dtype if backbone.residual_in_fp32 else out.dtype
     fused1 = fused_mamba1_blocks(model, input_ids.shape[0], out.device)
     fused2 = fused_mamba2_blocks(model, input_ids.shape[0], out.device)
+    split = partials_mamba1_blocks(model, input_ids.shape[0], out.device)
     # The stream is `residual` + `out` (the previous block's output, not yet added; None once a fused
     # block has added its own). `sumsq`: a fused block's partial sums of squares of the stream, which the
-    # next fused block's norm reads instead of the row.
-    residual = sumsq = None
-    for block, layer_cache, use_fused1, use_fused2 in zip(backbone.layers, cache.layers, fused1, fused2):
+    # next fused block's norm reads instead of the row. `partials`: the previous block's output as
+    # out_proj's split-K partial products [S, B, d_model] and out_proj's dtype (then `out` is None),
+    # summed by the next norm.
+    residual = sumsq = partials = None
+    for block, layer_cache, use_fused1, use_fused2, use_split in zip(backbone.layers, cache.layers, fused1, fused2,
+                                                                    split):
+        if partials is not None and (use_fused1 or use_fused2):
+            out, partials = sum_partials(*partials)[:, None], None
         if use_fused1 or use_fused2:
             step = mamba1_decode_block if use_fused1 else mamba2_decode_block
             stream, sumsq = step(
@@ -236,13 +269,13 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
                 residual_sumsq=sumsq if out is None else None)
             residual, out = stream[:, None], None
             continue
-        if out is None:  # the stream already holds the previous (fused) block's output
-            h = rms_norm(residual, block.norm.weight, block.norm.eps)
-        else:
-            # residual <- residual + out (the previous block's output), h <- norm(residual), in one kernel.
-            h, residual = rms_norm(out, block.norm.weight, block.norm.eps, residual=residual,
-                                   residual_out_dtype=stream_dtype)
-        sumsq = None
+        h, residual = _add_and_norm(block.norm, out, residual, partials, stream_dtype)
+        sumsq = partials = None
+        if use_split:
+            out = None
+            partials = (block.mixer.step_partials(h[:, 0].to(block.norm.weight.dtype), layer_cache),
+                        block.mixer.out_proj.weight.dtype)
+            continue
         out = block.mixer(h.to(block.norm.weight.dtype), cache=layer_cache)
         if isinstance(out, tuple):  # the MoE's (y, aux)
             out = out[0]
@@ -251,13 +284,26 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
         return decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
                              backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
                              model.config.vocab_size, stream_dtype)
-    if out is None:
-        hidden = rms_norm(residual, backbone.norm_f.weight, backbone.norm_f.eps)
-    else:
-        hidden, _ = rms_norm(out, backbone.norm_f.weight, backbone.norm_f.eps, residual=residual,
-                             residual_out_dtype=stream_dtype)
+    hidden, _ = _add_and_norm(backbone.norm_f, out, residual, partials, stream_dtype)
     logits = model.lm_head(hidden[:, 0].to(model.lm_head.weight.dtype))
     return logits[..., : model.config.vocab_size].float()
+
+
+def _add_and_norm(norm: RMSNorm, out: torch.Tensor | None, residual: torch.Tensor | None,
+                  partials: tuple[torch.Tensor, torch.dtype] | None,
+                  stream_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's pre-norm in :func:`decode_step`: the stream is ``residual`` [B, 1, D] plus the previous
+    block's output, given as ``out`` [B, 1, D], as split-K ``partials`` ([S, B, D] and the dtype their sum
+    rounds to), or already in the stream (both None). Returns (norm(stream) [B, 1, D], the stream
+    [B, 1, D]), the add and the norm in one kernel."""
+    if partials is not None:
+        h, residual = add_norm_partials(partials[0], None if residual is None else residual[:, 0], norm.weight,
+                                        norm.eps, partials[1], stream_dtype)
+        return h[:, None], residual[:, None]
+    if out is None:
+        return rms_norm(residual, norm.weight, norm.eps), residual
+    # residual <- residual + out (the previous block's output), h <- norm(residual).
+    return rms_norm(out, norm.weight, norm.eps, residual=residual, residual_out_dtype=stream_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

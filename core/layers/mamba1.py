@@ -27,7 +27,8 @@ from core.cache import ConvSSMCache, ssm_state_dtype_for
 from core.config import Mamba1Config
 from core.layers.norm import RMSNorm
 from core.layers.short_conv import masked_short_conv, ssm_A
-from kernels.mamba_decode import (mamba1_decode_unsupported, mamba1_scan_step, mamba1_scan_step_backend,
+from kernels.mamba_decode import (conv_step_partials, linear_partials, linear_partials_splits,
+                                  mamba1_decode_unsupported, mamba1_scan_step, mamba1_scan_step_backend,
                                   mamba1_scan_step_unsupported)
 from kernels.selective_scan import selective_scan, selective_scan_step
 
@@ -196,6 +197,41 @@ class Mamba1(nn.Module):
                     conv_bias=self.conv1d.bias, x_proj_weight=self.x_proj.weight,
                     dt_proj_weight=self.dt_proj.weight, dt_bias=self.dt_proj.bias, A=ssm_A(self), D=self.D,
                     out_proj_weight=self.out_proj.weight)
+
+    # ----------------------------------------------------------------------------------------------
+    # The large-batch decoding step (core.cuda_graph.decode_step): in_proj, x_proj and out_proj as split-K
+    # partial products (kernels.mamba_decode.linear_partials) that the conv step, the scan step and the
+    # next block's norm sum.
+
+    def partials_step_unsupported(self) -> str | None:
+        """Why :meth:`step_partials` cannot run this layer; None when it can."""
+        if self.config.inner_norms:
+            return "Jamba's inner norms sit between x_proj and dt_proj, on x_proj's finished output"
+        if self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return "in_proj / out_proj have biases, which partial products leave out"
+        if self.d_conv > 8:
+            return f"d_conv {self.d_conv} > 8 (the conv window is unrolled)"
+        weights = (self.in_proj.weight, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight,
+                   self.out_proj.weight)
+        if len({w.dtype for w in weights}) != 1 or weights[0].dtype not in (torch.float16, torch.bfloat16,
+                                                                             torch.float32):
+            return "the weights must share one float16 / bfloat16 / float32 dtype"
+        if self.d_state > 256:
+            return f"d_state {self.d_state} > 256 (the scan step's state tile lives in registers)"
+        return None
+
+    def step_partials(self, x: torch.Tensor, cache: ConvSSMCache) -> torch.Tensor:
+        """One decoding step, x [B, d_model] (the normalized stream, weights' dtype) -> out_proj's output as
+        float32 partial products [S, B, d_model] (their sum, rounded to the weights' dtype, is ``forward``'s
+        output up to the order of additions). The cache's states are updated in place."""
+        batch, dtype = x.shape[0], self.in_proj.weight.dtype
+        xz = linear_partials(x, self.in_proj.weight, linear_partials_splits(batch, 2 * self.d_inner, self.d_model))
+        xs, z = conv_step_partials(xz, cache.conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, dtype)
+        x_dbl = linear_partials(xs, self.x_proj.weight,
+                                linear_partials_splits(batch, self.x_proj.out_features, self.d_inner))
+        y = mamba1_scan_step(cache.ssm_state, xs, z, x_dbl, self.dt_proj.weight, self.dt_proj.bias, ssm_A(self),
+                             self.D)
+        return linear_partials(y, self.out_proj.weight, linear_partials_splits(batch, self.d_model, self.d_inner))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "

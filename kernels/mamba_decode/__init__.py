@@ -21,11 +21,14 @@ from collections.abc import Callable
 import torch
 
 from kernels.dispatch import choose_backend
-from kernels.mamba_decode.reference import (STATE_DTYPES, decode_logits_reference, mamba1_decode_block_reference,
-                                             mamba1_scan_step_reference, mamba2_decode_block_reference)
+from kernels.mamba_decode.reference import (STATE_DTYPES, add_norm_partials_reference, conv_step_partials_reference,
+                                             decode_logits_reference, linear_partials_reference,
+                                             mamba1_decode_block_reference, mamba1_scan_step_reference,
+                                             mamba2_decode_block_reference)
 
-__all__ = ["decode_logits", "decode_logits_backend", "decode_logits_unsupported", "mamba1_decode_block",
-           "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
+__all__ = ["add_norm_partials", "conv_step_partials", "decode_logits", "decode_logits_backend", "decode_logits_unsupported",
+           "linear_partials", "linear_partials_backend", "linear_partials_splits", "linear_partials_unsupported",
+           "mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
            "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
            "mamba2_decode_unsupported"]
 
@@ -188,8 +191,9 @@ def mamba1_scan_step(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, 
     """A Mamba-1 layer's decoding step from x_proj's output to the gated scan output: y = the selective
     state update with dt = softplus(dt_proj(x_dbl[:, :dt_rank]) + dt_bias), B and C from x_dbl, D skip and
     the z gate (``reference.mamba1_scan_step_reference``). x, z [B, d_inner] in the weights' dtype, x_dbl
-    [B, dt_rank + 2 d_state], ssm_state [B, d_inner, d_state] float32 / bfloat16 / float16 (updated in
-    place, in float32, stored rounded). Returns y
+    [B, dt_rank + 2 d_state], or x_proj's float32 partial products [S, B, dt_rank + 2 d_state]
+    (:func:`linear_partials`, summed here), ssm_state [B, d_inner, d_state] float32 / bfloat16 / float16
+    (updated in place, in float32, stored rounded). Returns y
     [B, d_inner]. The triton backend takes dt_proj inside the scan kernel: one kernel instead of two."""
     if x.dim() != 2 or A.dim() != 2 or dt_proj_weight.dim() != 2:
         raise ValueError(f"mamba1_scan_step: x [B, d_inner], A [d_inner, d_state], dt_proj_weight "
@@ -197,7 +201,13 @@ def mamba1_scan_step(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tensor, 
                          f"{list(_shape(dt_proj_weight))}")
     batch, d_inner = x.shape
     d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
-    for name, t, shape in (("z", z, (batch, d_inner)), ("x_dbl", x_dbl, (batch, dt_rank + 2 * d_state)),
+    xproj = (batch, dt_rank + 2 * d_state)
+    if x_dbl.dim() == 3:  # x_proj's partial products (linear_partials)
+        xproj = (x_dbl.shape[0], *xproj)
+        if x_dbl.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"mamba1_scan_step: x_dbl as partial products [S, B, J] must be float32 (from "
+                             f"linear_partials), got {x_dbl.dtype}")
+    for name, t, shape in (("z", z, (batch, d_inner)), ("x_dbl", x_dbl, xproj),
                            ("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank)), ("dt_bias", dt_bias, (d_inner,)),
                            ("A", A, (d_inner, d_state)), ("D", D, (d_inner,)),
                            ("ssm_state", ssm_state, (batch, d_inner, d_state))):
@@ -217,14 +227,117 @@ def mamba1_scan_step_unsupported(x: torch.Tensor, z: torch.Tensor, x_dbl: torch.
     """Why the triton backend of :func:`mamba1_scan_step` cannot take these tensors; None when it can."""
     if "triton" not in _SCAN:
         return "triton is not installed"
-    dtypes = {x.dtype, z.dtype, x_dbl.dtype, dt_proj_weight.dtype}
+    dtypes = {x.dtype, z.dtype, dt_proj_weight.dtype} | ({x_dbl.dtype} if x_dbl.dim() == 2 else set())
     if len(dtypes) != 1 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x, z, x_dbl and dt_proj_weight must share one float16 / bfloat16 / float32 dtype, got {dtypes}"
+    if x_dbl.dim() == 3 and x_dbl.dtype != torch.float32:
+        return f"x_dbl's partial products must be float32, got {x_dbl.dtype}"
     if ssm_state.dtype not in STATE_DTYPES:
         return f"ssm_state must be float32, bfloat16 or float16, got {ssm_state.dtype}"
     if d_state > 256:
         return f"d_state {d_state} > 256 (the state tile lives in registers)"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The large-batch step's split-K pieces (triton_splitk.py)
+
+OP_PARTIALS = "linear_partials"
+OP_ADD_NORM = "add_norm_partials"
+OP_CONV = "conv_step_partials"
+_PARTIALS = _backends(linear_partials_reference, "kernels.mamba_decode.triton_splitk", "linear_partials_triton")
+_ADD_NORM = _backends(add_norm_partials_reference, "kernels.mamba_decode.triton_splitk", "add_norm_partials_triton")
+_CONV = _backends(conv_step_partials_reference, "kernels.mamba_decode.triton_splitk", "conv_step_partials_triton")
+
+
+def linear_partials_backend(device: torch.device | str) -> str:
+    """The backend :func:`linear_partials` runs on ``device`` (``triton`` on CUDA by default; forced by
+    ``SSM_SUITE_BACKEND_LINEAR_PARTIALS`` or ``forced_backend``)."""
+    return choose_backend(OP_PARTIALS, tuple(_PARTIALS), torch.device(device))
+
+
+def linear_partials_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the triton backend of :func:`linear_partials` cannot take x and weight; None when it can."""
+    if "triton" not in _PARTIALS:
+        return "triton is not installed"
+    from kernels.mamba_decode.triton_splitk import unsupported
+    return unsupported(x, weight)
+
+
+def linear_partials_splits(rows: int, out_features: int, in_features: int) -> int:
+    """The number of K slices the triton kernel is tuned for at this shape (1 without triton)."""
+    if "triton" not in _PARTIALS:
+        return 1
+    from kernels.mamba_decode.triton_splitk import partials_tiles
+    return partials_tiles(rows, out_features, in_features)["S"]
+
+
+@torch.no_grad()
+def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias) left as float32 partial products over ``splits`` slices of the
+    input features (``reference.linear_partials_reference``, ``reference.split_bounds``): x [M, K], weight
+    [N, K] -> [splits, M, N]. Their consumer sums them in order and rounds to the weights' dtype
+    (:func:`add_norm_partials`, :func:`mamba1_scan_step`): a split-K matmul whose reduction costs no
+    kernel of its own. Inference only."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_partials: x must be [M, K] and weight [N, K], got {list(_shape(x))} and "
+                         f"{list(_shape(weight))}")
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"linear_partials: splits must be an int >= 1, got {splits!r}")
+    if x.device != weight.device:
+        raise ValueError(f"linear_partials: x is on {x.device}, weight on {weight.device}")
+    return _PARTIALS[linear_partials_backend(x.device)](x, weight, splits)
+
+
+@torch.no_grad()
+def add_norm_partials(partials: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                      norm_eps: float, out_dtype: torch.dtype,
+                      residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add + RMSNorm when the previous block's output is a linear map's
+    partial products (:func:`linear_partials`): x = partials [S, B, D] summed in order and rounded to
+    ``out_dtype``; residual_out = x + residual in ``residual_dtype`` (default residual's dtype, else
+    out_dtype); h = rms_norm(residual_out) * norm_weight in out_dtype. Returns (h [B, D], residual_out
+    [B, D]), as ``kernels.norm.rms_norm(x, ..., residual=residual)`` does. Inference only."""
+    if partials.dim() != 3 or partials.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"add_norm_partials: partials must be float32 [S, B, D] (from linear_partials), got "
+                         f"{partials.dtype} {list(_shape(partials))}")
+    shape = tuple(partials.shape[1:])
+    if residual is not None and _shape(residual) != shape:
+        raise ValueError(f"add_norm_partials: residual must be {list(shape)}, got {list(_shape(residual))}")
+    if _shape(norm_weight) != shape[1:]:
+        raise ValueError(f"add_norm_partials: norm_weight must be [{shape[1]}], got {list(_shape(norm_weight))}")
+    devices = {t.device for t in (partials, residual, norm_weight) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"add_norm_partials: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if residual_dtype is None:
+        residual_dtype = residual.dtype if residual is not None else out_dtype
+    backend = choose_backend(OP_ADD_NORM, tuple(_ADD_NORM), partials.device)
+    return _ADD_NORM[backend](partials, residual, norm_weight, norm_eps, out_dtype, residual_dtype)
+
+
+@torch.no_grad()
+def conv_step_partials(partials: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                       conv_bias: torch.Tensor | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba-1 decoding step's in_proj output given as :func:`linear_partials` [S, B, 2 d_inner]: summed in
+    order and rounded to ``out_dtype`` (in_proj's output), split into x | z, and x through the causal conv
+    step + SiLU (conv_state [B, d_inner, d_conv - 1] updated in place; conv_weight [d_inner, d_conv]).
+    Returns (xc, z), each [B, d_inner] in out_dtype (``reference.conv_step_partials_reference``)."""
+    if partials.dim() != 3 or partials.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"conv_step_partials: partials must be float32 [S, B, 2 d_inner] (from linear_partials), "
+                         f"got {partials.dtype} {list(_shape(partials))}")
+    if conv_weight.dim() != 2:
+        raise ValueError(f"conv_step_partials: conv_weight must be [d_inner, d_conv], got {list(_shape(conv_weight))}")
+    d_inner, width = conv_weight.shape
+    batch = partials.shape[1]
+    for name, t, shape in (("partials", partials, (partials.shape[0], batch, 2 * d_inner)),
+                           ("conv_state", conv_state, (batch, d_inner, width - 1)), ("conv_bias", conv_bias, (d_inner,))):
+        if t is not None and _shape(t) != shape:
+            raise ValueError(f"conv_step_partials: {name} must be {list(shape)}, got {list(_shape(t))}")
+    devices = {t.device for t in (partials, conv_state, conv_weight, conv_bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"conv_step_partials: all tensors must be on one device, got {sorted(map(str, devices))}")
+    backend = choose_backend(OP_CONV, tuple(_CONV), partials.device)
+    return _CONV[backend](partials, conv_state, conv_weight, conv_bias, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,8 +107,11 @@ def mamba1_scan_step_reference(
 ) -> torch.Tensor:
     """The part of the block step between x_proj and out_proj (module docstring): dt_proj of x_dbl's dt
     columns, then the selective state update with softplus(dt + dt_bias) and the z gate. x, z [B, d_inner]
-    (the conv output and the gate), x_dbl [B, dt_rank + 2 d_state] (x_proj's output); ssm_state updated in
-    place. Returns y [B, d_inner] in x's dtype."""
+    (the conv output and the gate), x_dbl [B, dt_rank + 2 d_state] (x_proj's output), or x_proj's partial
+    products [S, B, dt_rank + 2 d_state] (``linear_partials_reference``: summed, then rounded to the
+    weights' dtype as x_proj's output); ssm_state updated in place. Returns y [B, d_inner] in x's dtype."""
+    if x_dbl.dim() == 3:
+        x_dbl = sum_partials(x_dbl, dt_proj_weight.dtype)
     d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
     dt, B, C = x_dbl.split([dt_rank, d_state, d_state], dim=-1)
     dt = F.linear(dt, dt_proj_weight)
@@ -197,3 +200,60 @@ def decode_logits_reference(
         hidden, _ = rms_norm(x, norm_weight, norm_eps, residual=residual, residual_out_dtype=residual_dtype)
     logits = F.linear(hidden.to(lm_head_weight.dtype), lm_head_weight)
     return logits[..., :vocab_size].float()
+
+
+# --------------------------------------------------------------------------------------------------
+# The large-batch step's pieces (``triton_splitk.py``): a linear map as partial products over slices of
+# its input features, and the residual add + RMSNorm that sums them.
+
+SPLIT_ALIGN = 16  # linear_partials' input slices start at multiples of this many features
+
+
+def split_bounds(in_features: int, splits: int) -> list[tuple[int, int]]:
+    """The input-feature slices [lo, hi) of :func:`linear_partials_reference`: ``splits`` slices of
+    ceil(in_features / splits) features rounded up to a multiple of ``SPLIT_ALIGN`` (aligned loads); the
+    last slices may be shorter, or empty."""
+    if splits < 1:
+        raise ValueError(f"linear_partials: splits must be >= 1, got {splits}")
+    size = -(-(-(-in_features // splits)) // SPLIT_ALIGN) * SPLIT_ALIGN
+    return [(min(s * size, in_features), min((s + 1) * size, in_features)) for s in range(splits)]
+
+
+def linear_partials_reference(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """F.linear(x, weight) before its sum over the input features is finished: x [M, K], weight [N, K] ->
+    float32 [S, M, N] (float64 for float64 inputs), partial s = x[:, lo:hi] @ weight[:, lo:hi]^T over the
+    slice :func:`split_bounds` gives it, products and sums in float32. Consumers sum the partials in order
+    and round to the weights' dtype (:func:`sum_partials`): F.linear's output up to the order of the
+    additions."""
+    acc = _acc(torch.promote_types(x.dtype, weight.dtype))
+    return torch.stack([x[:, lo:hi].to(acc) @ weight[:, lo:hi].to(acc).T
+                        for lo, hi in split_bounds(x.shape[-1], splits)])
+
+
+def sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """partials [S, ...] summed in order (partial 0 first, as the kernels add them), rounded to dtype."""
+    total = partials[0].clone()
+    for part in partials[1:]:
+        total += part
+    return total.to(dtype)
+
+
+def add_norm_partials_reference(partials: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                                norm_eps: float, out_dtype: torch.dtype,
+                                residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual add of a block whose output comes as partial products: x = the partials
+    [S, B, D] summed and rounded to ``out_dtype`` (the linear map's output), residual_out = x + residual in
+    residual_dtype (x alone without a residual), h = rms_norm(residual_out) * norm_weight in out_dtype.
+    Returns (h [B, D], residual_out [B, D]), as ``rms_norm(x, ..., residual=residual)`` does."""
+    x = sum_partials(partials, out_dtype)
+    return rms_norm(x, norm_weight, norm_eps, residual=residual, residual_out_dtype=residual_dtype)
+
+
+def conv_step_partials_reference(partials: torch.Tensor, conv_state: torch.Tensor, conv_weight: torch.Tensor,
+                                 conv_bias: torch.Tensor | None,
+                                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba-1 step's in_proj output given as partial products [S, B, 2 d_inner]: summed and rounded to
+    ``out_dtype`` (in_proj's output), split into x | z; x through the conv step + SiLU (conv_state
+    [B, d_inner, d_conv - 1] updated in place). Returns (xc [B, d_inner], z [B, d_inner]) in out_dtype."""
+    x, z = sum_partials(partials, out_dtype).chunk(2, dim=-1)
+    return causal_conv1d_step(x, conv_state, conv_weight, conv_bias, "silu"), z

@@ -754,8 +754,12 @@ def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tenso
     """``reference.mamba1_scan_step_reference`` as kernel 2 of the fused block (``_scan_kernel``) on
     x_proj's output: dt_proj is a product inside the scan instead of a separate matmul, rounded where
     F.linear rounds it. At batch 64 a 130M model's dt_proj matmul is a ~4.5 us kernel in every layer
-    (docs/kernels/mamba_decode.md). ssm_state float32 / bfloat16 / float16, updated in place (in float32,
-    stored rounded); returns y [B, d_inner]."""
+    (docs/kernels/mamba_decode.md). x_dbl [B, J], or x_proj's float32 partial products [S, B, J]
+    (``linear_partials``), which the kernel sums in order as it sums the fused block's partials.
+    ssm_state float32 / bfloat16 / float16, updated in place (in float32, stored rounded); returns
+    y [B, d_inner]. Launched with programmatic dependent launch (``kernels/pdl.py``): the weights and this
+    layer's state rows are prefetched into L2 before the wait."""
+    parts = x_dbl if x_dbl.dim() == 3 else x_dbl[None]
     batch, d_inner = x.shape
     d_state, dt_rank = A.shape[1], dt_proj_weight.shape[1]
     wdt = dt_proj_weight.dtype
@@ -768,12 +772,16 @@ def mamba1_scan_step_op(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.Tenso
     y = torch.empty(batch, d_inner, device=x.device, dtype=wdt)
     if batch == 0:
         return y
+    splits = parts.shape[0]
+    block_parts = _clamp(4096 // (cfg["BB2"] * max(cfg["BR"], cfg["BNS"])), 1, _pow2(splits))
+    pdl = pdl_enabled(x.device)
     _scan_kernel[(cdiv(d_inner, cfg["BD"]), cdiv(batch, cfg["BB2"]))](
-        x_dbl, dt_proj_weight, dt_bias, A, D, x, z, ssm_state, y, batch,
-        0, x_dbl.stride(0), x_dbl.stride(1), *dt_proj_weight.stride(), *A.stride(), x.stride(0), z.stride(0),
+        parts, dt_proj_weight, dt_bias, A, D, x, z, ssm_state, y, batch,
+        *parts.stride(), *dt_proj_weight.stride(), *A.stride(), x.stride(0), z.stride(0),
         *ssm_state.stride(), y.stride(0),
-        DI=d_inner, R=dt_rank, N=d_state, NP=1, HAS_D=D is not None, DOT=cfg["DOT2"], IEEE=wdt == torch.float32,
-        BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=1, PRE=False, PDL=False, num_warps=cfg["warps2"],
+        DI=d_inner, R=dt_rank, N=d_state, NP=splits, HAS_D=D is not None, DOT=cfg["DOT2"],
+        IEEE=wdt == torch.float32, BB=cfg["BB2"], BD=cfg["BD"], BR=cfg["BR"], BN=cfg["BNS"], BP=block_parts,
+        PRE=False, PDL=pdl, num_warps=cfg["warps2"], launch_pdl=pdl,
     )
     return y
 
@@ -787,4 +795,5 @@ def mamba1_scan_step_triton(ssm_state: torch.Tensor, x: torch.Tensor, z: torch.T
                             dt_proj_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
                             D: torch.Tensor | None) -> torch.Tensor:
     """The triton backend of ``mamba1_scan_step`` (the custom op ``ssm_suite::mamba1_scan_step``)."""
-    return mamba1_scan_step_op(ssm_state, _rows(x), _rows(z), _rows(x_dbl), dt_proj_weight, dt_bias, A, D)
+    x_dbl = x_dbl if x_dbl.stride(-1) == 1 else x_dbl.contiguous()
+    return mamba1_scan_step_op(ssm_state, _rows(x), _rows(z), x_dbl, dt_proj_weight, dt_bias, A, D)

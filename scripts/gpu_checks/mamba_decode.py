@@ -64,6 +64,7 @@ MAMBA2_ONLY = False
 OP = "mamba1_decode_block"
 OP2 = "mamba2_decode_block"
 OP_SCAN = "mamba1_scan_step"  # dt_proj + scan in one kernel: the op-by-op step's tail at batch > 4
+OP_PARTIALS, OP_ADD_NORM, OP_CONV = "linear_partials", "add_norm_partials", "conv_step_partials"  # split-K step
 OP_LOGITS = "decode_logits"  # final norm + LM head + float32 logits in one kernel (batch <= 4)
 PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
@@ -431,6 +432,29 @@ def _scan_runner(model, batch: int, length: int, backend: str) -> _Runner:
     return _Runner(model, batch, length, lambda: forced_backend(backend, OP_SCAN))
 
 
+def _step_comparison(model, batch: int, steps: int, new: _Runner, old: _Runner, what: str, path: str = ""):
+    """Teacher-forced on ``old``'s greedy tokens: ``new``'s logits against ``old``'s (a check row, failed by
+    a greedy token that differs away from a near-tie; ``path`` "vacuous" fails it outright), and both
+    steps' times (a timing row)."""
+    logits = _prefill(model, old, batch)
+    _prefill(model, new, batch)
+    errs, untied = [], 0
+    for _ in range(steps):
+        token = logits.argmax(-1)
+        a, logits = new.step(token).clone(), old.step(token).clone()
+        errs.append(rel(a, logits))
+        top2 = logits.topk(2, dim=-1).values
+        untied += int(((a.argmax(-1) != logits.argmax(-1)) & ((top2[:, 0] - top2[:, 1]) >= TIE)).sum())
+    row = check_row(f"mamba1-130m {steps} steps, {what}", (batch,), next(model.parameters()).dtype,
+                    math.inf if path == "vacuous" else max(errs), None, 2e-2,
+                    note=f"greedy tokens differing away from near-ties: {untied}" + (f"; path: {path}" if path else ""))
+    row["pass"] = row["pass"] and untied == 0
+    time_row = {"kernel": f"mamba1 decode step, {len(model.backbone.layers)} blocks ({what})", "shape": f"batch {batch}",
+                "ours_fwd_ms": _time_replays(new), "baseline_fwd_ms": _time_replays(old), "ours_fwdbwd_ms": None,
+                "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())}
+    return row, time_row
+
+
 def _scan_step_rows(batches=(16, 64)):
     """mamba1-130m at batches past the fused block step: the op-by-op step with dt_proj inside the scan
     kernel (the default) against dt_proj as its own matmul: teacher-forced logits, then the step time."""
@@ -440,22 +464,9 @@ def _scan_step_rows(batches=(16, 64)):
     for batch in ((6,) if SMOKE else batches):
         new = _scan_runner(model, batch, 16 + steps + 2, "triton")
         old = _scan_runner(model, batch, 16 + steps + 2, "reference")
-        logits = _prefill(model, old, batch)
-        _prefill(model, new, batch)
-        errs, untied = [], 0
-        for _ in range(steps):
-            token = logits.argmax(-1)
-            a, logits = new.step(token).clone(), old.step(token).clone()
-            errs.append(rel(a, logits))
-            top2 = logits.topk(2, dim=-1).values
-            untied += int(((a.argmax(-1) != logits.argmax(-1)) & ((top2[:, 0] - top2[:, 1]) >= TIE)).sum())
-        rows.append(check_row(f"mamba1-130m {steps} steps, dt_proj in the scan vs its own matmul", (batch,),
-                              next(model.parameters()).dtype, max(errs), None, 2e-2,
-                              note=f"greedy tokens differing away from near-ties: {untied}"))
-        rows[-1]["pass"] = rows[-1]["pass"] and untied == 0
-        times.append({"kernel": f"mamba1 decode step, {len(model.backbone.layers)} blocks (dt_proj in the scan / its own matmul)",
-                      "shape": f"batch {batch}", "ours_fwd_ms": _time_replays(new), "baseline_fwd_ms": _time_replays(old),
-                      "ours_fwdbwd_ms": None, "mamba_ssm_fwd_ms": None, "bytes_fwd": nbytes(*model.parameters())})
+        row, time_row = _step_comparison(model, batch, steps, new, old, "dt_proj in the scan vs its own matmul")
+        rows.append(row)
+        times.append(time_row)
         del new, old
     return rows, times
 
@@ -508,6 +519,113 @@ def _scan_sweep_rows(batch: int = 64):
             mdt.TILES = default
         yield {"kernel": f"scan-step tiles {override or 'default'}", "shape": f"batch {batch}", "ours_fwd_ms": ms,
                "note": f"vs default tiles {err:.1e}"}
+
+
+def _split_k_kernel_rows() -> list[dict]:
+    """linear_partials, add_norm_partials and conv_step_partials (triton) against their float64 references at
+    the step's shapes (x_proj, out_proj and in_proj of mamba1-130m at batch 64) and at odd ones; the sum of
+    the partials against F.linear in the weights' dtype; bit-identical re-runs."""
+    from kernels.mamba_decode import add_norm_partials, conv_step_partials, linear_partials
+    from kernels.mamba_decode.reference import (add_norm_partials_reference, conv_step_partials_reference,
+                                                linear_partials_reference, sum_partials)
+
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    rows = []
+    shapes = [(64, 80, 1536, 8), (64, 768, 1536, 4), (64, 3072, 768, 2), (37, 100, 1000, 3), (5, 33, 70, 2)]
+    for m, n, k, splits in (shapes[3:] if SMOKE else shapes):
+        for dtype in ((torch.float32,) if SMOKE else (torch.bfloat16, torch.float32)):
+            x, w = rnd(m, k).to(dtype), (rnd(n, k) / k**0.5).to(dtype)
+            with forced_backend("triton", OP_PARTIALS):
+                got = linear_partials(x, w, splits)
+                again = linear_partials(x, w, splits)
+            want = linear_partials_reference(x.double(), w.double(), splits)
+            err = max(rel(got[s], want[s]) for s in range(splits))
+            linear = rel(sum_partials(got, dtype), torch.nn.functional.linear(x.double(), w.double()))
+            rows.append(check_row("linear_partials vs float64, each partial", (m, n, k, splits), dtype, err, None,
+                                  1e-2 if dtype != torch.float32 else 1e-5,
+                                  note=f"sum rounded vs F.linear {linear:.1e}; re-run bit-identical "
+                                       f"{torch.equal(got, again)}"))
+            rows[-1]["pass"] = rows[-1]["pass"] and torch.equal(got, again)
+    for batch, dim, splits in ((64, 768, 4), (7, 100, 3)):
+        parts, res, nw = rnd(splits, batch, dim), rnd(batch, dim), rnd(dim).abs() + 0.5
+        for dtype in ((torch.float32,) if SMOKE else (torch.bfloat16, torch.float32)):
+            with forced_backend("triton", OP_ADD_NORM):
+                h, r = add_norm_partials(parts, res, nw.to(dtype), 1e-5, dtype, torch.float32)
+            wh, wr = add_norm_partials_reference(parts.double(), res.double(), nw.to(dtype).double(), 1e-5,
+                                                 torch.float64, torch.float64)
+            rows.append(check_row("add_norm_partials vs float64 (h; residual)", (splits, batch, dim), dtype,
+                                  max(rel(h, wh), rel(r, wr)), None, 1e-2 if dtype != torch.float32 else 1e-5))
+    for batch, d_inner, width, splits in ((64, 1536, 4, 2), (5, 100, 3, 3)):
+        parts, state = rnd(splits, batch, 2 * d_inner), rnd(batch, d_inner, width - 1)
+        weight, bias = rnd(d_inner, width) / width, rnd(d_inner)
+        for dtype in ((torch.float32,) if SMOKE else (torch.bfloat16, torch.float32)):
+            got_state, want_state = state.to(dtype), state.double()
+            with forced_backend("triton", OP_CONV):
+                xc, z = conv_step_partials(parts, got_state, weight.to(dtype), bias.to(dtype), dtype)
+            wx, wz = conv_step_partials_reference(parts.double(), want_state, weight.to(dtype).double(),
+                                                  bias.to(dtype).double(), torch.float64)
+            rows.append(check_row("conv_step_partials vs float64 (xc; z; conv state)", (splits, batch, d_inner, width),
+                                  dtype, max(rel(xc, wx), rel(z, wz), rel(got_state, want_state)), None,
+                                  1e-2 if dtype != torch.float32 else 1e-5))
+    return rows
+
+
+@contextlib.contextmanager
+def _split_k_on():
+    """The split-K ops on their triton backend (the default on CUDA; the interpreter under --cpu-smoke)."""
+    with forced_backend("triton", OP_PARTIALS), forced_backend("triton", OP_ADD_NORM), forced_backend("triton", OP_CONV):
+        yield
+
+
+def _split_k_rows(batches=(16, 64)):
+    """mamba1-130m at batches past the fused block step: decode_step's default path (x_proj and out_proj as
+    split-K partials where linear_partials runs on triton) against the path without them (the op forced to
+    its reference backend, which turns the split-K path off): teacher-forced logits and step times."""
+    from core.cuda_graph import decode_step_path
+
+    model = build_model()
+    rows, times = _split_k_kernel_rows(), []
+    steps = 8 if SMOKE else 32
+    for batch in ((6,) if SMOKE else batches):
+        new = _Runner(model, batch, 16 + steps + 2, _split_k_on)
+        old = _Runner(model, batch, 16 + steps + 2, lambda: forced_backend("reference", OP_PARTIALS))
+        with _split_k_on():
+            path = decode_step_path(model, batch)
+        row, time_row = _step_comparison(model, batch, steps, new, old, "split-K matmuls vs cuBLAS",
+                                         path if "split-K" in path else "vacuous")
+        rows.append(row)
+        times.append(time_row)
+        del new, old
+    return rows, times
+
+
+# TILES overrides of kernels/mamba_decode/triton_splitk.py that --split-k times at batch 64.
+SPLIT_SWEEP = [
+    {"min_slice": 192},
+    {"programs": 48},
+    {"programs": 192},
+    {"max_stages": 4},
+]
+
+
+def _split_sweep_rows(batch: int = 64):
+    """Yields the step time of decode_step's default path at ``batch`` under each SPLIT_SWEEP setting."""
+    import kernels.mamba_decode.triton_splitk as splitk
+
+    model = build_model()
+    batch = batch if not SMOKE else 6
+    default = dict(splitk.TILES)
+    for override in [{}] + SPLIT_SWEEP:
+        splitk.TILES = {**default, **override}
+        try:
+            runner = _Runner(model, batch, 64, _split_k_on)
+            _prefill(model, runner, batch)
+            ms = _time_replays(runner)
+            del runner
+        finally:
+            splitk.TILES = default
+        yield {"kernel": f"split-K tiles {override or 'default'}", "shape": f"batch {batch}", "ours_fwd_ms": ms}
 
 
 def _m2_model_checks() -> list[dict]:
@@ -717,6 +835,8 @@ def main() -> None:
     parser.add_argument("--mamba2-only", action="store_true", help="only the fused Mamba-2 step's checks and bench")
     parser.add_argument("--scan-step", action="store_true",
                         help="only the batch-16/64 step with dt_proj inside the scan kernel (check + time)")
+    parser.add_argument("--split-k", action="store_true",
+                        help="only the batch-16/64 step with split-K matmuls (checks + times + tile sweep)")
     args = parser.parse_args()
     MAMBA2_ONLY = args.mamba2_only
     start = time.time()
@@ -725,8 +845,8 @@ def main() -> None:
         DEV, SMOKE = "cpu", True
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter)'}", flush=True)
-    if args.scan_step:
-        rows, times = _scan_step_rows()
+    if args.scan_step or args.split_k:
+        rows, times = _split_k_rows() if args.split_k else _scan_step_rows()
         print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['name']} | {row['shape']} | {row['dtype']} | {_fmt(row['err_fwd'])} | "
@@ -736,7 +856,7 @@ def main() -> None:
             ours, base = row["ours_fwd_ms"], row["baseline_fwd_ms"]
             print(f"| {row['kernel']} | {row['shape']} | {_fmt(ours)} | {_fmt(base)} | {base / ours:.2f}x |")
         print("\n| setting | shape | step ms | note |\n|---|---|---|---|", flush=True)
-        for row in _guarded(_scan_sweep_rows()):
+        for row in _guarded(_split_sweep_rows() if args.split_k else _scan_sweep_rows()):
             print(f"| {row['kernel']} | {row['shape']} | {_fmt(row.get('ours_fwd_ms'))} | {row.get('note', '')} |",
                   flush=True)
         return

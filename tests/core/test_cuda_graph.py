@@ -22,7 +22,7 @@ import core.cuda_graph as cuda_graph  # noqa: E402
 from core.backbone import CausalLM  # noqa: E402
 from core.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig  # noqa: E402
 from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_logits,  # noqa: E402
-                             fused_mamba1_blocks, fused_mamba2_blocks)
+                             fused_mamba1_blocks, fused_mamba2_blocks, partials_mamba1_blocks)
 from core.generate import generate  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
 
@@ -57,14 +57,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def teacher_forced(model: CausalLM, batch: int, steps: int, fused: bool):
-    """Prefill 5 tokens, then ``steps`` decode steps on fixed tokens; (logits [steps, B, V], cache)."""
+def prefilled(model: CausalLM, batch: int, steps: int):
+    """A cache after a prefill of 5 random tokens, and ``steps`` fixed tokens [steps, B] to decode next."""
     torch.manual_seed(1)
     ids = torch.randint(0, 61, (batch, 5), device=DEVICE)
     tokens = torch.randint(0, 61, (steps, batch), device=DEVICE)
     cache = model.allocate_cache(batch, 5 + steps)
     with torch.no_grad():
         model(ids, cache=cache)
+    return cache, tokens
+
+
+def teacher_forced(model: CausalLM, batch: int, steps: int, fused: bool):
+    """Prefill 5 tokens, then ``steps`` decode steps on fixed tokens; (logits [steps, B, V], cache)."""
+    cache, tokens = prefilled(model, batch, steps)
     backend = "triton" if fused else "reference"
     with forced_backend(backend, OP), forced_backend(backend, OP2):
         logits = torch.stack([decode_step(model, token, cache) for token in tokens])
@@ -253,3 +259,69 @@ def test_large_batch_step_runs_dt_proj_inside_the_scan_kernel(monkeypatch):
             logits[backend] = torch.stack([decode_step(model, t, cache) for t in tokens])
     assert len(calls) == 3 * 2  # two Mamba-1 layers, three steps, triton only
     assert rel(logits["triton"], logits["reference"]) < 1e-5
+
+
+SPLIT_OPS = ("linear_partials", "add_norm_partials", "conv_step_partials")
+
+
+def split_k_steps(model: CausalLM, batch: int, steps: int, on: bool):
+    """teacher_forced's step with the split-K ops on their triton backend (``on``: decode_step takes the
+    split-K path where it can) or on their reference backend (the path is off: cuBLAS-style op by op)."""
+    cache, tokens = prefilled(model, batch, steps)
+    backend = "triton" if on else "reference"
+    with forced_backend(backend, SPLIT_OPS[0]), forced_backend(backend, SPLIT_OPS[1]), \
+            forced_backend(backend, SPLIT_OPS[2]):
+        path = decode_step_path(model, batch)
+        logits = torch.stack([decode_step(model, token, cache) for token in tokens])
+    return logits, cache, path
+
+
+@pytest.mark.parametrize("pattern,batch,overrides", [
+    ("SS", 5, {}),
+    ("S*SM-S", 6, {}),  # partials hand the stream to attention / Mamba-2 / MLP norms; the last norm sums them
+    ("SS", 17, {"residual_in_fp32": False}),  # a stream in the model dtype; tl.dot scan tiles
+], ids=["mamba1", "hybrid", "stream-in-model-dtype"])
+def test_split_k_step_equals_op_by_op_step(pattern, batch, overrides):
+    """Past FUSED_MAMBA1_MAX_BATCH, Mamba-1 blocks run in_proj, x_proj and out_proj as split-K partial
+    products (Mamba1.step_partials) where linear_partials runs on triton: the logits and the states equal
+    the op-by-op step's up to the order of additions."""
+    model = build(config(pattern, **overrides))
+    split, cache, path = split_k_steps(model, batch, 3, on=True)
+    plain, plain_cache, plain_path = split_k_steps(model, batch, 3, on=False)
+    n = pattern.count("S")
+    assert path == f"op by op (fused add+norm; split-K in_proj / x_proj / out_proj in {n}/{len(pattern)} blocks)"
+    assert plain_path == "op by op (fused add+norm)"
+    assert rel(split, plain) < 1e-5
+    for layer, plain_layer in zip(cache.layers, plain_cache.layers):
+        for name in ("conv_state", "ssm_state"):
+            if hasattr(layer, name):
+                assert rel(getattr(layer, name), getattr(plain_layer, name)) < 1e-5
+
+
+def test_split_k_step_limits(monkeypatch):
+    """The split-K path needs a batch past the fused step's limit and within its own, and a Mamba-1 block
+    without biases or inner norms; the greedy tokens through the graph runner's code path follow it."""
+    model = build(config("SS"))
+    with forced_backend("triton", SPLIT_OPS[0]):
+        assert partials_mamba1_blocks(model, cuda_graph.FUSED_MAMBA1_MAX_BATCH) == [False, False]
+        assert partials_mamba1_blocks(model, cuda_graph.PARTIALS_MAMBA1_MAX_BATCH + 1) == [False, False]
+        assert partials_mamba1_blocks(model, 8) == [True, True]
+        monkeypatch.setattr(cuda_graph, "FUSED_MAMBA1_MAX_BATCH", None)  # the fused step at every batch
+        assert partials_mamba1_blocks(model, 8) == [False, False]
+    monkeypatch.undo()
+    biased = build(config("SS", mamba1=Mamba1Config(d_state=8, bias=True)))
+    jamba = build(config("SS", mamba1=Mamba1Config(d_state=8, inner_norms=True)))
+    with forced_backend("triton", SPLIT_OPS[0]):
+        assert partials_mamba1_blocks(biased, 8) == [False, False]
+        assert "biases" in biased.backbone.layers[0].mixer.partials_step_unsupported()
+        assert partials_mamba1_blocks(jamba, 8) == [False, False]
+    assert partials_mamba1_blocks(model, 8) == [False, False]  # CPU: linear_partials' reference backend
+    torch.manual_seed(2)
+    prompts = torch.randint(0, 61, (6, 4), device=DEVICE)
+    tokens = {}
+    for backend in ("triton", "reference"):
+        with forced_backend(backend, SPLIT_OPS[0]), forced_backend(backend, SPLIT_OPS[1]), \
+                forced_backend(backend, SPLIT_OPS[2]):
+            decoder = CUDAGraphDecoder(model, capture=False)
+            tokens[backend] = generate(model, prompts, max_new_tokens=5, temperature=0, cuda_graph=decoder).tokens
+    assert torch.equal(tokens["triton"], tokens["reference"])

@@ -97,8 +97,8 @@ def pre_wait_load_sources(ptx: str, param_names: list[str]) -> set[str]:
 
 def record_launches(pdl: bool) -> list:
     """The Triton launches of one fused Mamba-1 block step and one fused Mamba-2 block step, each with the
-    whole-row kernels and then the chunked ones, and of the one-kernel logits (batch 1, bfloat16):
-    (kernel, args, kwargs, label)."""
+    whole-row kernels and then the chunked ones, and of the one-kernel logits (batch 1, bfloat16); then the
+    large-batch step's split-K kernels and its scan step (batch 64): (kernel, args, kwargs, label)."""
     import torch
 
     from kernels import pdl as pdl_module
@@ -152,6 +152,25 @@ def record_launches(pdl: bool) -> list:
         mamba2_step()
     finally:
         m2.TILES, _Recorder.label = tiles2, ""
+
+    # The large-batch step's split-K kernels (batch 64), and the scan step on x_proj's partials.
+    from kernels.mamba_decode import triton_splitk as ms
+
+    ms.pdl_enabled = lambda device: pdl
+    for name in ("_partials_kernel", "_add_norm_kernel", "_conv_kernel"):
+        setattr(ms, name, _Recorder(getattr(ms, name), calls))
+    ms.linear_partials_op(torch.zeros(64, di, **bf), torch.zeros(r + 2 * n, di, **bf), 2)
+    ms.add_norm_partials_op(torch.zeros(2, 64, dm), torch.zeros(64, dm), torch.ones(dm, **bf), 1e-5, torch.bfloat16,
+                            torch.float32)
+    ms.conv_step_partials_op(torch.zeros(2, 64, 2 * di), torch.zeros(64, di, w - 1, **bf), torch.zeros(di, w, **bf),
+                             torch.zeros(di, **bf), torch.bfloat16)
+    _Recorder.label = ":step"
+    try:
+        m1.mamba1_scan_step_op(torch.zeros(64, di, n), torch.zeros(64, di, **bf), torch.zeros(64, di, **bf),
+                               torch.zeros(2, 64, r + 2 * n), torch.zeros(di, r, **bf), torch.zeros(di),
+                               -torch.ones(di, n), torch.ones(di))
+    finally:
+        _Recorder.label = ""
     return calls
 
 
