@@ -499,8 +499,10 @@ def _scan_step_kernel(
 # optional "maxnreg_fwd" / "maxnreg_bwd": a register cap. With BLOCK_D = 32 x warps every lane owns one
 # channel and the whole [T, N] block of its states; smaller BLOCK_D puts 32 x warps / BLOCK_D lanes on N.
 # Chosen by timing on an H100 (docs/kernels/selective_scan.md); a benchmark may override them.
+# "fwd_wide": the forward's tiles for large grids of channel-last inputs (``_wide_forward``), where a
+# program of 32 channels loads 64 coalesced bytes a position instead of 32.
 TILES = {"fwd": (16, 8, 1), "bwd": (16, 4, 1), "chunk": 64, "stages_fwd": 3, "stages_bwd": 2,
-         "fwd_min_programs": None, "fwd_min_block_d": 8}
+         "fwd_min_programs": None, "fwd_min_block_d": 8, "fwd_wide": (32, 4, 1), "fwd_wide_min_programs": None}
 
 
 def _fwd_min_programs(device: torch.device) -> int:
@@ -527,6 +529,22 @@ def _narrow_for_small_grid(block_d: int, rows: int, dg: int, min_programs: int) 
     while block_d > TILES["fwd_min_block_d"] and rows * cdiv(dg, block_d) < min_programs:
         block_d //= 2
     return block_d
+
+
+def _wide_forward(rows: int, dg: int, dstate: int, u: torch.Tensor) -> bool:
+    """Whether the forward takes ``TILES["fwd_wide"]``: for channel-last u (a Mamba layer's view), N <= 16,
+    and a grid of at least ``TILES["fwd_wide_min_programs"]`` programs at that width (by default 16 per
+    SM on CUDA; never elsewhere). On an H100 (docs/kernels/selective_scan.md) mamba1-130m's prefill at
+    batch 64 x 512 (3072 programs of 32 channels) took 415 us a layer against 522 with TILES["fwd"], and
+    batch 8 x 2048 (384 programs) 372 against 339: a large grid hides the wider tile's latency."""
+    threshold = TILES.get("fwd_wide_min_programs")
+    if threshold is None:
+        if u.device.type != "cuda" or _interpreting():
+            return False
+        threshold = 16 * _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device())
+    if _block_n(dstate) > 16 or u.stride(1) != 1 or TILES["chunk"] % TILES["fwd_wide"][1]:
+        return False
+    return rows * cdiv(dg, TILES["fwd_wide"][0]) >= threshold
 
 
 def _tiles(kind: str, dstate: int) -> tuple[int, int, int]:
@@ -684,8 +702,11 @@ def selective_scan_fwd(
     dg = dim // groups
     Bv, Cv = _bc4(_acc_copy(B), groups), _bc4(_acc_copy(C), groups)
     state_dtype = _state_dtype(u.dtype)
-    block_d, t, warps = _tiles("fwd", dstate)
-    block_d = _narrow_for_small_grid(block_d, batch * groups, dg, _fwd_min_programs(u.device))
+    if _wide_forward(batch * groups, dg, dstate, u):
+        block_d, t, warps = TILES["fwd_wide"]
+    else:
+        block_d, t, warps = _tiles("fwd", dstate)
+        block_d = _narrow_for_small_grid(block_d, batch * groups, dg, _fwd_min_programs(u.device))
     if save_for_backward and TILES["chunk"] % t:
         t = TILES["bwd"][1]  # the checkpoints sit every CHUNK positions: a whole number of tiles
     k = max(1, TILES["chunk"] // t)

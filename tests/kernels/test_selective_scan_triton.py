@@ -280,6 +280,31 @@ def test_small_grid_narrows_the_forward_channel_block(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_large_grids_of_channel_last_inputs_take_the_wide_forward_tiles(monkeypatch):
+    """TILES["fwd_wide"] for channel-last u (a Mamba layer's view) on grids of at least
+    TILES["fwd_wide_min_programs"] programs (CUDA: 16 per SM; never on CPU); the result does not change."""
+    u = torch.zeros(4, 64, 10).transpose(1, 2)  # [B, D, L] with unit channel stride
+    assert not ss_triton._wide_forward(4, 64, 16, u)  # CPU without an explicit threshold
+    monkeypatch.setitem(ss_triton.TILES, "fwd_wide_min_programs", 8)
+    assert ss_triton._wide_forward(4, 64, 16, u)  # 4 rows x 2 blocks of 32 channels
+    assert not ss_triton._wide_forward(3, 64, 16, u)
+    assert not ss_triton._wide_forward(4, 64, 16, u.contiguous())  # length-contiguous: not measured wide
+    assert not ss_triton._wide_forward(4, 64, 64, u)  # large states spread N over lanes instead
+    gen = torch.Generator().manual_seed(5)
+    batch, dim, length, dstate = 3, 40, 13, 4
+    x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64)
+    inputs = list(make(batch, dim, length, dstate, torch.float64, states=batch))
+    inputs[0] = x.transpose(1, 2).to(DEVICE)  # channel-last u
+    monkeypatch.setitem(ss_triton.TILES, "fwd_wide_min_programs", 10**6)
+    narrow = run_both(inputs)
+    monkeypatch.setitem(ss_triton.TILES, "fwd_wide_min_programs", 1)
+    wide = run_both(inputs)
+    assert_close(wide, TOL[torch.float64])
+    (outs_wide, grads_wide), (outs_narrow, grads_narrow) = wide[0], narrow[0]
+    for a, b in zip((*outs_wide, *grads_wide), (*outs_narrow, *grads_narrow)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_chunk_must_hold_whole_backward_tiles(monkeypatch):
     monkeypatch.setitem(ss_triton.TILES, "bwd", (4, 8, 1))
     monkeypatch.setitem(ss_triton.TILES, "chunk", 12)
