@@ -26,8 +26,10 @@ Pieces:
   instead of 7 (:mod:`kernels.mamba_decode`); the other blocks run op by op (:func:`decode_step_path`
   says which ran). Mamba-2 blocks likewise run as one fused block step (``mamba2_decode_block``, 3
   kernels instead of 6) for at most ``FUSED_MAMBA2_MAX_BATCH`` rows, unless
-  ``SSM_SUITE_FUSED_MAMBA2_DECODE=0``. ``generate`` uses it with and without graphs, so both produce
-  identical tokens.
+  ``SSM_SUITE_FUSED_MAMBA2_DECODE=0``. Past those limits, up to ``PARTIALS_MAMBA1_MAX_BATCH`` rows,
+  Mamba-1 blocks run op by op with in_proj, x_proj and out_proj as split-K partial products that the
+  next op sums (:meth:`~core.layers.mamba1.Mamba1.step_partials`). ``generate`` uses it with and without
+  graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same

@@ -3,6 +3,9 @@
 (``mamba2_decode_block``, ``triton_mamba2.py``). On an H100 both are faster than the op-by-op step at
 small batches and slower at batch 64, so ``core.cuda_graph`` uses them for at most 4 rows. The step's
 end, final norm + LM head + float32 logits, is one kernel too (``decode_logits``, ``triton_logits.py``).
+Past 4 rows the Mamba-1 step runs op by op with its matmuls as split-K partial products
+(``linear_partials``) that the conv step (``conv_step_partials``), the scan step (``mamba1_scan_step``) and
+the next block's norm (``add_norm_partials``) sum: ``triton_splitk.py``.
 
 ``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
 ``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the
