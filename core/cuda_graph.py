@@ -78,8 +78,8 @@ FUSED_MAMBA1_MAX_BATCH: int | None = 4
 # SSM_SUITE_FUSED_MAMBA2_DECODE=0 turns it off (every batch op by op).
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"
 FUSED_MAMBA2_MAX_BATCH: int | None = 4
-# Larger batches, up to this many rows, run Mamba-1 blocks op by op with x_proj and out_proj as split-K
-# partial products (Mamba1.step_partials, kernels.mamba_decode.linear_partials) where that op runs its
+# Larger batches, up to this many rows, run Mamba-1 blocks op by op with in_proj, x_proj and out_proj as
+# split-K partial products (Mamba1.step_partials, kernels.mamba_decode.linear_partials) where that op runs its
 # Triton backend (CUDA by default): measured on an H100 at batch 64 (docs/kernels/mamba_decode.md,
 # "Split-K"); beyond it cuBLAS's matmuls take over again.
 PARTIALS_MAMBA1_MAX_BATCH: int | None = 64
@@ -163,7 +163,7 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
 def partials_mamba1_blocks(model: nn.Module, batch_size: int = 1,
                            device: torch.device | str | None = None) -> list[bool]:
     """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it op by op with its
-    x_proj and out_proj as split-K partial products (:meth:`~core.layers.mamba1.Mamba1.step_partials`): a
+    in_proj, x_proj and out_proj as split-K partial products (:meth:`~core.layers.mamba1.Mamba1.step_partials`): a
     Mamba-1 block that takes it, at a batch too large for the fused block step (past
     ``FUSED_MAMBA1_MAX_BATCH``) and at most ``PARTIALS_MAMBA1_MAX_BATCH`` rows, where ``linear_partials``
     runs its Triton backend. Empty for models that decode through their own forward."""
@@ -219,12 +219,11 @@ def _blocks_path(model: nn.Module, batch_size: int) -> str:
     fused1 = fused_mamba1_blocks(model, batch_size)
     fused2 = fused_mamba2_blocks(model, batch_size)
     n1, n2, total = sum(fused1), sum(fused2), len(fused1)
+    split = sum(partials_mamba1_blocks(model, batch_size))
+    split_k = f"split-K in_proj / x_proj / out_proj in {split}/{total} blocks" if split else ""
     if n1 + n2 == 0:
-        split = sum(partials_mamba1_blocks(model, batch_size))
-        if split:
-            return f"op by op (fused add+norm; split-K in_proj / x_proj / out_proj in {split}/{total} blocks)"
-        return "op by op (fused add+norm)"
-    others = "" if n1 + n2 == total else "; others op by op"
+        return f"op by op (fused add+norm; {split_k})" if split else "op by op (fused add+norm)"
+    others = "" if n1 + n2 == total else f"; others op by op{', ' + split_k if split else ''}"
     parts = [f"Mamba-{k} {n}/{total}" for k, n in ((1, n1), (2, n2)) if n]
     if n2 == 0:
         return f"fused Mamba-1 step ({n1}/{total} blocks{others})"

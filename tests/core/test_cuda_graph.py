@@ -325,3 +325,21 @@ def test_split_k_step_limits(monkeypatch):
             decoder = CUDAGraphDecoder(model, capture=False)
             tokens[backend] = generate(model, prompts, max_new_tokens=5, temperature=0, cuda_graph=decoder).tokens
     assert torch.equal(tokens["triton"], tokens["reference"])
+
+
+def test_split_k_output_handed_to_a_fused_block(monkeypatch):
+    """A fused block after a split-K block (the fused Mamba-2 step opted in past its batch limit) gets the
+    previous output as the summed, rounded partials: the logits equal the op-by-op step's."""
+    monkeypatch.setattr(cuda_graph, "FUSED_MAMBA2_MAX_BATCH", None)
+    monkeypatch.setenv(cuda_graph.FUSED_MAMBA2_ENV, "1")
+    model = build(config("SMS"))
+    with forced_backend("triton", OP2):
+        assert fused_mamba2_blocks(model, 6) == [False, True, False]
+        split, _, path = split_k_steps(model, 6, 3, on=True)
+    assert path == ("fused block steps (Mamba-2 1/3 blocks; others op by op, split-K in_proj / x_proj / out_proj "
+                    "in 2/3 blocks)")
+    with forced_backend("triton", SPLIT_OPS[0]):
+        assert partials_mamba1_blocks(model, 6) == [True, False, True]
+    with forced_backend("reference", OP2):
+        plain, _, _ = split_k_steps(model, 6, 3, on=False)
+    assert rel(split, plain) < 1e-5
