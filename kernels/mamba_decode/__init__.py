@@ -30,7 +30,7 @@ from kernels.mamba_decode.reference import (STATE_DTYPES, add_norm_partials_refe
                                              mamba2_decode_block_reference)
 
 __all__ = ["add_norm_partials", "conv_step_partials", "decode_logits", "decode_logits_backend", "decode_logits_unsupported",
-           "linear_partials", "linear_partials_backend", "linear_partials_splits", "linear_partials_unsupported",
+           "linear_partials", "linear_partials_backend", "linear_partials_splits",
            "mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
            "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
            "mamba2_decode_unsupported"]
@@ -90,9 +90,13 @@ def _check_stream_and_weights(op: str, batch: int, x: torch.Tensor | None, resid
     if len({w.dtype for w in weights.values()}) != 1:
         raise ValueError(f"{op}: {', '.join(weights)} weights must share one dtype, got "
                          f"{[str(w.dtype) for w in weights.values()]}")
-    tensors = [t for t in (*others, residual_sumsq, *weights.values()) if t is not None]
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    _check_one_device(op, *others, residual_sumsq, *weights.values())
+
+
+def _check_one_device(op: str, *tensors: torch.Tensor | None) -> None:
+    devices = {str(t.device) for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(devices)}")
 
 
 def _check(conv_state, ssm_state, x, residual, norm_weight, in_proj_weight, conv_weight, conv_bias,
@@ -259,14 +263,6 @@ def linear_partials_backend(device: torch.device | str) -> str:
     return choose_backend(OP_PARTIALS, tuple(_PARTIALS), torch.device(device))
 
 
-def linear_partials_unsupported(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why the triton backend of :func:`linear_partials` cannot take x and weight; None when it can."""
-    if "triton" not in _PARTIALS:
-        return "triton is not installed"
-    from kernels.mamba_decode.triton_splitk import unsupported
-    return unsupported(x, weight)
-
-
 def linear_partials_splits(rows: int, out_features: int, in_features: int) -> int:
     """The number of K slices the triton kernel is tuned for at this shape (1 without triton)."""
     if "triton" not in _PARTIALS:
@@ -287,8 +283,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch
                          f"{list(_shape(weight))}")
     if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"linear_partials: splits must be an int >= 1, got {splits!r}")
-    if x.device != weight.device:
-        raise ValueError(f"linear_partials: x is on {x.device}, weight on {weight.device}")
+    _check_one_device("linear_partials", x, weight)
     return _PARTIALS[linear_partials_backend(x.device)](x, weight, splits)
 
 
@@ -309,9 +304,7 @@ def add_norm_partials(partials: torch.Tensor, residual: torch.Tensor | None, nor
         raise ValueError(f"add_norm_partials: residual must be {list(shape)}, got {list(_shape(residual))}")
     if _shape(norm_weight) != shape[1:]:
         raise ValueError(f"add_norm_partials: norm_weight must be [{shape[1]}], got {list(_shape(norm_weight))}")
-    devices = {t.device for t in (partials, residual, norm_weight) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"add_norm_partials: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check_one_device("add_norm_partials", partials, residual, norm_weight)
     if residual_dtype is None:
         residual_dtype = residual.dtype if residual is not None else out_dtype
     backend = choose_backend(OP_ADD_NORM, tuple(_ADD_NORM), partials.device)
@@ -336,9 +329,7 @@ def conv_step_partials(partials: torch.Tensor, conv_state: torch.Tensor, conv_we
                            ("conv_state", conv_state, (batch, d_inner, width - 1)), ("conv_bias", conv_bias, (d_inner,))):
         if t is not None and _shape(t) != shape:
             raise ValueError(f"conv_step_partials: {name} must be {list(shape)}, got {list(_shape(t))}")
-    devices = {t.device for t in (partials, conv_state, conv_weight, conv_bias) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"conv_step_partials: all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check_one_device("conv_step_partials", partials, conv_state, conv_weight, conv_bias)
     backend = choose_backend(OP_CONV, tuple(_CONV), partials.device)
     return _CONV[backend](partials, conv_state, conv_weight, conv_bias, out_dtype)
 

@@ -209,13 +209,19 @@ def decode_logits_reference(
 SPLIT_ALIGN = 16  # linear_partials' input slices start at multiples of this many features
 
 
-def split_bounds(in_features: int, splits: int) -> list[tuple[int, int]]:
-    """The input-feature slices [lo, hi) of :func:`linear_partials_reference`: ``splits`` slices of
-    ceil(in_features / splits) features rounded up to a multiple of ``SPLIT_ALIGN`` (aligned loads); the
-    last slices may be shorter, or empty."""
+def split_size(in_features: int, splits: int) -> int:
+    """Features in each of :func:`split_bounds`' slices: ceil(in_features / splits) rounded up to a
+    multiple of ``SPLIT_ALIGN`` (aligned loads)."""
     if splits < 1:
         raise ValueError(f"linear_partials: splits must be >= 1, got {splits}")
-    size = -(-(-(-in_features // splits)) // SPLIT_ALIGN) * SPLIT_ALIGN
+    per_split = -(-in_features // splits)
+    return -(-per_split // SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def split_bounds(in_features: int, splits: int) -> list[tuple[int, int]]:
+    """The input-feature slices [lo, hi) of :func:`linear_partials_reference`: ``splits`` slices of
+    :func:`split_size` features; the last slices may be shorter, or empty."""
+    size = split_size(in_features, splits)
     return [(min(s * size, in_features), min((s + 1) * size, in_features)) for s in range(splits)]
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.host import cdiv, next_power_of_2
-from kernels.mamba_decode.reference import SPLIT_ALIGN
+from kernels.mamba_decode.reference import split_size
 from kernels.mamba_decode.triton import _INTERPRET, _round
 from kernels.pdl import line_elems, lines_pow2, pdl_enabled, prefetch_rows_l2, wait_for_prior_kernel
 
@@ -181,7 +181,7 @@ def linear_partials_op(x: torch.Tensor, weight: torch.Tensor, splits: int) -> to
     if m == 0 or n == 0:
         return out
     cfg = partials_tiles(m, n, k)
-    slice_len = cdiv(cdiv(k, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    slice_len = split_size(k, splits)
     pdl = pdl_enabled(x.device)
     line = line_elems(weight)
     _partials_kernel[(cdiv(n, cfg["BN"]), cdiv(m, cfg["BM"]), splits)](

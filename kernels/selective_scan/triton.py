@@ -512,7 +512,12 @@ def _fwd_min_programs(device: torch.device) -> int:
         return int(TILES["fwd_min_programs"])
     if device.type != "cuda" or _interpreting():
         return 0
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * _sms(device)
+
+
+def _sms(device: torch.device) -> int:
+    """The SM count of a CUDA device."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -541,7 +546,7 @@ def _wide_forward(rows: int, dg: int, dstate: int, u: torch.Tensor) -> bool:
     if threshold is None:
         if u.device.type != "cuda" or _interpreting():
             return False
-        threshold = 16 * _sm_count(u.device.index if u.device.index is not None else torch.cuda.current_device())
+        threshold = 16 * _sms(u.device)
     if _block_n(dstate) > 16 or u.stride(1) != 1 or TILES["chunk"] % TILES["fwd_wide"][1]:
         return False
     return rows * cdiv(dg, TILES["fwd_wide"][0]) >= threshold
