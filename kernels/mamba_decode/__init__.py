@@ -5,7 +5,9 @@ small batches and slower at batch 64, so ``core.cuda_graph`` uses them for at mo
 end, final norm + LM head + float32 logits, is one kernel too (``decode_logits``, ``triton_logits.py``).
 Past 4 rows the Mamba-1 step runs op by op with its matmuls as split-K partial products
 (``linear_partials``) that the conv step (``conv_step_partials``), the scan step (``mamba1_scan_step``) and
-the next block's norm (``add_norm_partials``) sum: ``triton_splitk.py``.
+the next block's norm (``add_norm_partials``) sum: ``triton_splitk.py``. Its LM head writes float32 logits
+and per-tile greedy partials that a second kernel reduces to the greedy token (``lm_head_logits``,
+``triton_head.py``).
 
 ``mamba1_decode_block`` checks shapes and picks a backend through :mod:`kernels.dispatch`:
 ``reference`` (``reference.py``: the op-by-op composition of the existing ops, which defines the
@@ -26,11 +28,13 @@ import torch
 from kernels.dispatch import choose_backend
 from kernels.mamba_decode.reference import (STATE_DTYPES, add_norm_partials_reference, conv_step_partials_reference,
                                              decode_logits_reference, linear_partials_reference,
+                                             lm_head_logits_reference,
                                              mamba1_decode_block_reference, mamba1_scan_step_reference,
                                              mamba2_decode_block_reference)
 
 __all__ = ["add_norm_partials", "conv_step_partials", "decode_logits", "decode_logits_backend", "decode_logits_unsupported",
-           "linear_partials", "linear_partials_backend", "linear_partials_splits",
+           "linear_partials", "linear_partials_backend", "linear_partials_splits", "lm_head_logits",
+           "lm_head_logits_backend", "lm_head_logits_unsupported",
            "mamba1_decode_block", "mamba1_decode_backend", "mamba1_decode_unsupported", "mamba1_scan_step",
            "mamba1_scan_step_backend", "mamba1_scan_step_unsupported", "mamba2_decode_block", "mamba2_decode_backend",
            "mamba2_decode_unsupported"]
@@ -488,3 +492,46 @@ def decode_logits(x: torch.Tensor | None, residual: torch.Tensor | None, norm_we
         residual_dtype = like.dtype
     return _LOGITS[decode_logits_backend(like.device)](x, residual, norm_weight, norm_eps, lm_head_weight,
                                                        vocab_size, residual_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The large-batch step's LM head and greedy pick (triton_head.py)
+
+OP_HEAD = "lm_head_logits"
+_HEAD = _backends(lm_head_logits_reference, "kernels.mamba_decode.triton_head", "lm_head_logits_triton")
+
+
+def lm_head_logits_backend(device: torch.device | str) -> str:
+    """The backend :func:`lm_head_logits` runs on ``device`` (``triton`` on CUDA by default; forced by
+    ``SSM_SUITE_BACKEND_LM_HEAD_LOGITS`` or ``forced_backend``)."""
+    return choose_backend(OP_HEAD, tuple(_HEAD), torch.device(device))
+
+
+def lm_head_logits_unsupported(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> str | None:
+    """Why the triton backend of :func:`lm_head_logits` cannot take these tensors; None when it can (the
+    reference backend takes every one)."""
+    if "triton" not in _HEAD:
+        return "triton is not installed"
+    from kernels.mamba_decode.triton_head import unsupported
+    return unsupported(hidden, lm_head_weight)
+
+
+@torch.no_grad()
+def lm_head_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor, vocab_size: int,
+                   greedy_out: torch.Tensor | None = None) -> torch.Tensor:
+    """A decoding step's LM head after its final norm (``reference.lm_head_logits_reference``): hidden
+    [B, d_model] in the weights' dtype, lm_head_weight [padded vocab, d_model] -> the first ``vocab_size``
+    logits, float32 [B, vocab_size], rounded to the weights' dtype first as F.linear's are. With
+    ``greedy_out`` (int64 [B]) their argmax goes there too (torch.argmax's: the first maximal index, a NaN
+    counting as the maximum): a captured step feeds its own greedy pick to the next. Inference only."""
+    if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
+        raise ValueError(f"lm_head_logits: hidden must be [B, d_model] and lm_head_weight [V, d_model], got "
+                         f"{list(_shape(hidden))} and {list(_shape(lm_head_weight))}")
+    if not 0 < vocab_size <= lm_head_weight.shape[0]:
+        raise ValueError(f"lm_head_logits: vocab_size {vocab_size} must be in 1..{lm_head_weight.shape[0]} "
+                         "(the LM head's rows)")
+    if greedy_out is not None and (_shape(greedy_out) != (hidden.shape[0],) or greedy_out.dtype != torch.long):
+        raise ValueError(f"lm_head_logits: greedy_out must be int64 [{hidden.shape[0]}], got {greedy_out.dtype} "
+                         f"{list(_shape(greedy_out))}")
+    _check_one_device("lm_head_logits", hidden, lm_head_weight, greedy_out)
+    return _HEAD[lm_head_logits_backend(hidden.device)](hidden, lm_head_weight, vocab_size, greedy_out)

@@ -202,6 +202,18 @@ def decode_logits_reference(
     return logits[..., :vocab_size].float()
 
 
+
+def lm_head_logits_reference(hidden: torch.Tensor, lm_head_weight: torch.Tensor, vocab_size: int,
+                             greedy_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head of a decoding step whose final norm has run: hidden [B, d_model] (the LM head's dtype),
+    lm_head_weight [padded vocab, d_model] -> the first ``vocab_size`` logits, F.linear's output (rounded
+    to the weights' dtype) as float32 [B, vocab_size]. With ``greedy_out`` (int64 [B]) their argmax is
+    written there too: the first maximal index of a row, a NaN counting as the maximum (torch.argmax)."""
+    logits = F.linear(hidden, lm_head_weight)[..., :vocab_size].float()
+    if greedy_out is not None:
+        torch.argmax(logits, dim=-1, out=greedy_out)
+    return logits
+
 # --------------------------------------------------------------------------------------------------
 # The large-batch step's pieces (``triton_splitk.py``): a linear map as partial products over slices of
 # its input features, and the residual add + RMSNorm that sums them.

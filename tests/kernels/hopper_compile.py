@@ -171,6 +171,15 @@ def record_launches(pdl: bool) -> list:
                                -torch.ones(di, n), torch.ones(di))
     finally:
         _Recorder.label = ""
+
+    # The large-batch step's LM head and greedy pick (batch 64).
+    from kernels.mamba_decode import triton_head as mh
+
+    mh.pdl_enabled = lambda device: pdl
+    for name in ("_head_kernel", "_pick_kernel"):
+        setattr(mh, name, _Recorder(getattr(mh, name), calls))
+    _, pkey, pidx = mh.lm_head_logits_op(torch.zeros(64, dm, **bf), torch.zeros(1000, dm, **bf), 997, True)
+    mh.greedy_pick_op(pkey, pidx, torch.zeros(64, dtype=torch.long))
     return calls
 
 

@@ -26,9 +26,13 @@ SCRIPT = Path(__file__).resolve().parent / "hopper_compile.py"
 KERNELS = {f"{m}.{k}{v}" for m in ("triton", "triton_mamba2")
            for k in ("_in_conv_kernel", "_scan_kernel", "_out_kernel") for v in ("", ":chunked")}
 KERNELS |= {"triton_logits._logits_kernel", "triton._scan_kernel:step", "triton_splitk._partials_kernel",
-            "triton_splitk._add_norm_kernel", "triton_splitk._conv_kernel"}
-# Kernels that only prefetch before the wait (the others load their weights or states there).
-PREFETCH_ONLY = {name for name in KERNELS if ":" in name} | {"triton_splitk._partials_kernel"}
+            "triton_splitk._add_norm_kernel", "triton_splitk._conv_kernel", "triton_head._head_kernel",
+            "triton_head._pick_kernel"}
+# Kernels that only prefetch before the wait (the others load their weights or states there), and those
+# that do nothing before it (all they read is the previous kernel's output).
+PREFETCH_ONLY = {name for name in KERNELS if ":" in name} | {"triton_splitk._partials_kernel",
+                                                             "triton_head._head_kernel"}
+WAIT_FIRST = {"triton_head._pick_kernel"}
 # What each kernel may load before griddepcontrol.wait: never what the previous kernel writes (kernel 1 <-
 # the previous block's kernel 3: stream, sums of squares; kernel 2 <- kernel 1: x_proj partials, conv
 # output, z; kernel 3 <- kernel 2: y). Weights never change; a layer's states were last written by the
@@ -48,6 +52,9 @@ PRE_WAIT_ALLOWED = {
     "triton_splitk._partials_kernel": {"w_ptr"},
     "triton_splitk._add_norm_kernel": {"nw_ptr"},
     "triton_splitk._conv_kernel": {"state_ptr", "w_ptr", "b_ptr"},
+    # The LM head <- the final norm's hidden rows; the greedy pick <- the LM head's partials.
+    "triton_head._head_kernel": {"w_ptr"},
+    "triton_head._pick_kernel": set(),
 }
 
 
@@ -69,7 +76,9 @@ def test_hopper_kernels_wait_before_any_access_and_prefetch_their_weights():
         base = name.split(":")[0]
         early = set(row["pre_wait_loads"])
         assert early <= PRE_WAIT_ALLOWED[base], f"{name} reads {early - PRE_WAIT_ALLOWED[base]} before the wait"
-        if name not in PREFETCH_ONLY:  # the whole-row kernels load their weights or state early
+        if name in WAIT_FIRST:
+            assert not early and row["prefetches"] == 0, name
+        elif name not in PREFETCH_ONLY:  # the whole-row kernels load their weights or state early
             assert {"win_ptr", "wdt_ptr", "wo_ptr", "w_ptr", "st_ptr", "nw_ptr", "state_ptr"} & early, name
         else:
             assert row["prefetches"] > 0 and not early, name
