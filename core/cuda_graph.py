@@ -28,8 +28,11 @@ Pieces:
   kernels instead of 6) for at most ``FUSED_MAMBA2_MAX_BATCH`` rows, unless
   ``SSM_SUITE_FUSED_MAMBA2_DECODE=0``. Past those limits, up to ``PARTIALS_MAMBA1_MAX_BATCH`` rows,
   Mamba-1 blocks run op by op with in_proj, x_proj and out_proj as split-K partial products that the
-  next op sums (:meth:`~core.layers.mamba1.Mamba1.step_partials`). ``generate`` uses it with and without
-  graphs, so both produce identical tokens.
+  next op sums (:meth:`~core.layers.mamba1.Mamba1.step_partials`). The step ends with the final norm, LM
+  head and float32 logits in one kernel up to 4 rows (:func:`fused_logits`), and past them, up to
+  ``HEAD_KERNEL_MAX_BATCH`` rows, with an LM head kernel that also leaves per-tile greedy partials and a
+  kernel that picks the greedy token (:func:`head_kernel`). ``generate`` uses it with and without graphs,
+  so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -57,13 +60,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from core.backbone import Backbone, Block, CausalLM, upcast_residual
+from core.backbone import Backbone, Block, CausalLM, upcast_residual_dtype
 from core.cache import InferenceCache
 from core.layers.mamba1 import Mamba1
 from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
 from kernels.mamba_decode import (add_norm_partials, decode_logits, decode_logits_backend, decode_logits_unsupported,
-                                  linear_partials_backend, mamba1_decode_backend, mamba1_decode_block,
+                                  linear_partials_backend, lm_head_logits, lm_head_logits_backend,
+                                  lm_head_logits_unsupported, mamba1_decode_backend, mamba1_decode_block,
                                   mamba2_decode_backend, mamba2_decode_block)
 from kernels.mamba_decode.reference import sum_partials
 from kernels.norm import rms_norm
@@ -83,6 +87,11 @@ FUSED_MAMBA2_MAX_BATCH: int | None = 4
 # Triton backend (CUDA by default): measured on an H100 at batch 64 (docs/kernels/mamba_decode.md,
 # "Split-K"); beyond it cuBLAS's matmuls take over again.
 PARTIALS_MAMBA1_MAX_BATCH: int | None = 64
+# Batches past the one-kernel logits (decode_logits, at most 4 rows) and up to this many rows end the step
+# with lm_head_logits' Triton kernels where that op runs its Triton backend: the LM head writing float32
+# logits and the greedy pick, 2 kernels instead of cuBLAS, a float32 copy and torch.argmax (measured on
+# an H100 at batch 64: docs/kernels/mamba_decode.md, "LM head"). Larger batches are cuBLAS's matmuls.
+HEAD_KERNEL_MAX_BATCH: int | None = 64
 # Prefill graphs (CUDAGraphRunner.prefill): prompts of at most this many tokens (batch x length), and
 # this many prompt lengths kept per runner (each holds its activations in its own memory pool).
 PREFILL_GRAPH_MAX_TOKENS = 2048
@@ -190,6 +199,24 @@ def fused_logits(model: nn.Module, batch_size: int = 1, device: torch.device | s
     return decode_logits_unsupported(batch_size, model.config.d_model, model.lm_head.weight.dtype) is None
 
 
+def head_kernel(model: nn.Module, batch_size: int = 1, device: torch.device | str | None = None) -> bool:
+    """Whether :func:`decode_step` ends with ``kernels.mamba_decode.lm_head_logits``' Triton kernels (the LM
+    head writing float32 logits, and the greedy pick in-kernel): a standard :class:`CausalLM` with a
+    bias-free LM head, past :func:`fused_logits`' batches and up to ``HEAD_KERNEL_MAX_BATCH`` rows, on a
+    device where that op picks its Triton backend."""
+    if not _fusable(model) or getattr(model.lm_head, "bias", None) is not None:
+        return False
+    if fused_logits(model, batch_size, device):
+        return False
+    if HEAD_KERNEL_MAX_BATCH is not None and batch_size > HEAD_KERNEL_MAX_BATCH:
+        return False
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    weight = model.lm_head.weight
+    if lm_head_logits_backend(device) != "triton":
+        return False
+    return lm_head_logits_unsupported(weight[:0], weight) is None  # (a [0, d_model] view: hidden's dtype)
+
+
 def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
                         device: torch.device | str | None = None) -> list[bool]:
     """Per block of a standard :class:`CausalLM`: whether :func:`decode_step` runs it as one fused Mamba-2
@@ -212,7 +239,9 @@ def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
     if not _fusable(model):
         return "the model's own forward"
     path = _blocks_path(model, batch_size)
-    return f"{path}; logits in one kernel" if fused_logits(model, batch_size) else path
+    if fused_logits(model, batch_size):
+        return f"{path}; logits in one kernel"
+    return f"{path}; LM head + greedy pick kernels" if head_kernel(model, batch_size) else path
 
 
 def _blocks_path(model: nn.Module, batch_size: int) -> str:
@@ -231,8 +260,11 @@ def _blocks_path(model: nn.Module, batch_size: int) -> str:
 
 
 @torch.no_grad()
-def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-    """One decoding step: input_ids int64 [B] (one token per row) -> logits float32 [B, vocab_size].
+def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache,
+                greedy_out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding step: input_ids int64 [B] (one token per row) -> logits float32 [B, vocab_size]; with
+    ``greedy_out`` (int64 [B], which may be input_ids itself) their argmax is written there as well
+    (torch.argmax's pick: inside the LM head's kernels where :func:`head_kernel` says so).
 
     Continues from ``cache`` and leaves the state after the token in it (device state and host counters).
     For a standard :class:`CausalLM` the residual add of each block is fused with the next block's
@@ -243,11 +275,11 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     :func:`fused_mamba2_blocks` marks (opt-in). Other models run their own forward.
     """
     if not _fusable(model):
-        return model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1]
+        return _pick(model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1], greedy_out)
     backbone = model.backbone
     out = backbone.embedding(input_ids[:, None])  # [B, 1, d_model]
     # The residual stream's dtype, as Backbone / Block keep it.
-    stream_dtype = upcast_residual(out).dtype if backbone.residual_in_fp32 else out.dtype
+    stream_dtype = upcast_residual_dtype(out.dtype) if backbone.residual_in_fp32 else out.dtype
     fused1 = fused_mamba1_blocks(model, input_ids.shape[0], out.device)
     fused2 = fused_mamba2_blocks(model, input_ids.shape[0], out.device)
     split = partials_mamba1_blocks(model, input_ids.shape[0], out.device)
@@ -281,13 +313,23 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
         if isinstance(out, tuple):  # the MoE's (y, aux)
             out = out[0]
     cache.seqlen_offset += 1
-    if fused_logits(model, input_ids.shape[0], out.device if out is not None else residual.device):
-        return decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
-                             backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
-                             model.config.vocab_size, stream_dtype)
+    device = out.device if out is not None else residual.device
+    if fused_logits(model, input_ids.shape[0], device):
+        return _pick(decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
+                                   backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
+                                   model.config.vocab_size, stream_dtype), greedy_out)
     hidden, _ = _add_and_norm(backbone.norm_f, out, residual, partials, stream_dtype)
-    logits = model.lm_head(hidden[:, 0].to(model.lm_head.weight.dtype))
-    return logits[..., : model.config.vocab_size].float()
+    hidden = hidden[:, 0].to(model.lm_head.weight.dtype)
+    if head_kernel(model, input_ids.shape[0], device):
+        return lm_head_logits(hidden, model.lm_head.weight, model.config.vocab_size, greedy_out)
+    return _pick(model.lm_head(hidden)[..., : model.config.vocab_size].float(), greedy_out)
+
+
+def _pick(logits: torch.Tensor, greedy_out: torch.Tensor | None) -> torch.Tensor:
+    """logits, after writing their argmax into greedy_out (when given)."""
+    if greedy_out is not None:
+        torch.argmax(logits, dim=-1, out=greedy_out)
+    return logits
 
 
 def _add_and_norm(norm: RMSNorm, out: torch.Tensor | None, residual: torch.Tensor | None,
@@ -364,7 +406,7 @@ class CUDAGraphRunner:
         with torch.cuda.stream(side):
             for _ in range(max(1, warmup_steps)):
                 self.cache.reset()  # each warm-up step writes slot 0: no overflow whatever max_seqlen
-                self._pick_greedy(decode_step(model, self.input_ids, self.cache))
+                decode_step(model, self.input_ids, self.cache, greedy_out=self.input_ids)
             self.input_ids.zero_()
         torch.cuda.current_stream(device).wait_stream(side)
         self.cache.reset()
@@ -372,8 +414,8 @@ class CUDAGraphRunner:
         # Capture records the kernels without running them; the logits tensor lives in the graph's
         # private memory pool and is rewritten by every replay.
         with torch.cuda.graph(graph):
-            self.logits = decode_step(model, self.input_ids, self.cache)
-            self._pick_greedy(self.logits)
+            # The greedy pick becomes the next input: greedy decoding feeds nothing from the host.
+            self.logits = decode_step(model, self.input_ids, self.cache, greedy_out=self.input_ids)
         self.graph = graph
         self.cache.reset()  # the host counters moved during capture
 
@@ -442,11 +484,6 @@ class CUDAGraphRunner:
         self.cache.reset()  # the capture ran no kernel, but the forward moved the host counters
         return static_ids, logits, graph
 
-    def _pick_greedy(self, logits: torch.Tensor) -> None:
-        # The greedy pick of these logits becomes the next input: greedy decoding feeds nothing from
-        # the host (``step(None)``), one kernel instead of a pick and a copy outside the graph.
-        torch.argmax(logits, dim=-1, out=self.input_ids)
-
     @property
     def greedy_token(self) -> torch.Tensor:
         """int64 [B]: the argmax of the last step's logits (a static buffer: the next step's input unless
@@ -471,8 +508,7 @@ class CUDAGraphRunner:
             model = self._model()
             if model is None:
                 raise RuntimeError("the model of this CUDAGraphRunner was garbage collected")
-            self.logits = decode_step(model, self.input_ids, self.cache)
-            self._pick_greedy(self.logits)
+            self.logits = decode_step(model, self.input_ids, self.cache, greedy_out=self.input_ids)
         # A replay advances the device counters only; the host counters follow here.
         self.cache.seqlen_offset = seen + 1
         for layer in self._counted:

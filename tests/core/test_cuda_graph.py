@@ -22,7 +22,7 @@ import core.cuda_graph as cuda_graph  # noqa: E402
 from core.backbone import CausalLM  # noqa: E402
 from core.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig  # noqa: E402
 from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_logits,  # noqa: E402
-                             fused_mamba1_blocks, fused_mamba2_blocks, partials_mamba1_blocks)
+                             fused_mamba1_blocks, fused_mamba2_blocks, head_kernel, partials_mamba1_blocks)
 from core.generate import generate  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
 
@@ -343,3 +343,40 @@ def test_split_k_output_handed_to_a_fused_block(monkeypatch):
     with forced_backend("reference", OP2):
         plain, _, _ = split_k_steps(model, 6, 3, on=False)
     assert rel(split, plain) < 1e-5
+
+
+def test_lm_head_kernel_and_greedy_pick(monkeypatch):
+    """Where lm_head_logits runs on triton, batches past decode_logits' end the step with its kernels (the
+    LM head writing float32 logits, the greedy pick): the logits equal the cuBLAS-style end's, the pick
+    written into greedy_out is their argmax, and the graph runner's greedy tokens are eager generate's."""
+    model = build(config("S*S"))
+    assert not head_kernel(model, 6)  # CPU default: the reference backend
+    with forced_backend("triton", "lm_head_logits"):
+        assert head_kernel(model, 6) and head_kernel(model, cuda_graph.HEAD_KERNEL_MAX_BATCH)
+        assert not head_kernel(model, cuda_graph.HEAD_KERNEL_MAX_BATCH + 1)
+        assert decode_step_path(model, 6).endswith("; LM head + greedy pick kernels")
+        with forced_backend("triton", "decode_logits"):
+            assert not head_kernel(model, 4) and head_kernel(model, 5)  # one kernel for both at <= 4 rows
+    from kernels.mamba_decode import triton_head
+    calls = []
+    kernel = triton_head.lm_head_logits_triton
+    monkeypatch.setattr(triton_head, "lm_head_logits_triton", lambda *args: calls.append(args[3]) or kernel(*args))
+    logits, picks = {}, {}
+    for backend in ("triton", "reference"):
+        cache, tokens = prefilled(model, 6, 3)
+        greedy = torch.full((3, 6), -1, dtype=torch.long, device=DEVICE)
+        with forced_backend(backend, "lm_head_logits"):
+            logits[backend] = torch.stack([decode_step(model, token, cache, greedy_out=out)
+                                           for token, out in zip(tokens, greedy)])
+        picks[backend] = greedy
+    assert rel(logits["triton"], logits["reference"]) < 1e-5
+    assert len(calls) == 3 and all(out is not None for out in calls)  # the kernels ran, asked for the pick
+    assert torch.equal(picks["triton"], logits["triton"].argmax(-1))
+    assert torch.equal(picks["reference"], logits["reference"].argmax(-1))
+    torch.manual_seed(3)
+    prompts = torch.randint(0, 61, (6, 4), device=DEVICE)
+    eager = generate(model, prompts, max_new_tokens=5, temperature=0, cuda_graph=False)
+    with forced_backend("triton", "lm_head_logits"):
+        graphed = generate(model, prompts, max_new_tokens=5, temperature=0,
+                           cuda_graph=CUDAGraphDecoder(model, capture=False))
+    assert torch.equal(graphed.tokens, eager.tokens)
