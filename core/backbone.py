@@ -243,6 +243,12 @@ def upcast_residual(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def upcast_residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`upcast_residual` gives a tensor of ``dtype``, without converting one (a decoding
+    step would pay a kernel for it)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class Block(nn.Module):
     """One pre-norm residual block: ``x + mixer(norm(x))``.
 
@@ -303,7 +309,9 @@ class Backbone(nn.Module):
     advances ``cache.seqlen_offset`` by L. Ids at pad positions (``padding_mask`` False) are ignored.
 
     The hidden states are normalized by ``norm_f`` and returned in float32 when the residual stream
-    is, else in the model dtype.
+    is, else in the model dtype. With ``num_last_tokens`` > 0 only the last that many positions are
+    normalized and returned (generation's prefill: the final add and norm of a 512-token batch-64 prompt
+    are ~0.2 ms on an H100 when run over every position).
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | None = None,
@@ -323,13 +331,14 @@ class Backbone(nn.Module):
         input_ids: torch.Tensor,
         cache: InferenceCache | None = None,
         padding_mask: torch.Tensor | None = None,
+        num_last_tokens: int = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if padding_mask is not None:
             # A pad's id is never looked up, so any pad id (-1 included) is fine.
             input_ids = input_ids.masked_fill(~padding_mask, 0)
         x = self.embedding(input_ids)
         if self._fused_norms():
-            return self._forward_fused_norms(x, cache, padding_mask, input_ids.shape[1])
+            return self._forward_fused_norms(x, cache, padding_mask, input_ids.shape[1], num_last_tokens)
         if self.residual_in_fp32:
             x = upcast_residual(x)
         aux_losses: dict[str, torch.Tensor] = {}
@@ -340,7 +349,7 @@ class Backbone(nn.Module):
                 aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        return self.norm_f(x), aux_losses
+        return self.norm_f(_last(x, num_last_tokens)), aux_losses
 
     def _fused_norms(self) -> bool:
         """Whether :meth:`forward` may add each block's output to the stream inside the next block's norm
@@ -351,11 +360,12 @@ class Backbone(nn.Module):
                         and _called_plainly(block.norm) for block in self.layers))
 
     def _forward_fused_norms(self, x: torch.Tensor, cache: InferenceCache | None,
-                             padding_mask: torch.Tensor | None, seqlen: int) -> tuple[torch.Tensor, dict]:
+                             padding_mask: torch.Tensor | None, seqlen: int,
+                             num_last_tokens: int = 0) -> tuple[torch.Tensor, dict]:
         """:meth:`forward` for inference (a prefill, an evaluation): Block.forward's float32 arithmetic
         (the sum stored in the stream's dtype, then normalized and rounded to the norm's output dtype),
         reading and writing the [B, L, d_model] stream once a block instead of three times."""
-        stream_dtype = upcast_residual(x).dtype if self.residual_in_fp32 else x.dtype
+        stream_dtype = upcast_residual_dtype(x.dtype) if self.residual_in_fp32 else x.dtype
         aux_losses: dict[str, torch.Tensor] = {}
         residual, out = None, x  # the stream is residual + out (the previous block's output, not yet added)
         for i, block in enumerate(self.layers):
@@ -369,7 +379,12 @@ class Backbone(nn.Module):
                     aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
         if cache is not None:
             cache.seqlen_offset += seqlen
-        return self.norm_f(residual + out), aux_losses
+        return self.norm_f(_last(residual, num_last_tokens) + _last(out, num_last_tokens)), aux_losses
+
+
+def _last(x: torch.Tensor, num_last_tokens: int) -> torch.Tensor:
+    """x [B, L, ...] -> its last num_last_tokens positions (all of them for 0)."""
+    return x[:, -num_last_tokens:] if num_last_tokens > 0 else x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,7 +460,9 @@ class CausalLM(nn.Module):
         generation; a cache) returns the logits whatever the setting.
         """
         self._check_inputs(input_ids, cache, padding_mask, labels, num_last_tokens)
-        hidden, aux_losses = self.backbone(input_ids, cache=cache, padding_mask=padding_mask)
+        # Only the positions whose logits are asked for go through the final norm (no labels then).
+        hidden, aux_losses = self.backbone(input_ids, cache=cache, padding_mask=padding_mask,
+                                           num_last_tokens=num_last_tokens)
         chunk_size = self.config.loss_chunk_size
         if labels is not None and cache is None and chunk_size:
             # The logits are the largest tensor of a long-sequence training step: never build them.
@@ -453,8 +470,6 @@ class CausalLM(nn.Module):
             output = CausalLMOutput(logits=None, aux_losses=aux_losses)
             output.ce_loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
         else:
-            if num_last_tokens > 0:
-                hidden = hidden[:, -num_last_tokens:]
             logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))[..., : self.config.vocab_size].float()
             output = CausalLMOutput(logits=logits, aux_losses=aux_losses)
             if labels is not None:

@@ -196,6 +196,10 @@ def test_logits_drop_padded_vocab_rows_and_match_the_tied_head():
     assert rel_err(out.logits, full[..., :250]) < 1e-6
     last = model(ids, num_last_tokens=2).logits
     assert rel_err(last, out.logits[:, -2:]) < 1e-6
+    with torch.no_grad():  # the fused-norm forward: the final add + norm over the last positions only
+        tail, _ = model.backbone(ids, num_last_tokens=2)
+        assert tail.shape == (3, 2, 32) and rel_err(tail, model.backbone(ids)[0][:, -2:]) < 1e-6
+        assert rel_err(model(ids, num_last_tokens=2).logits, out.logits[:, -2:]) < 1e-6
 
 
 @needs("*-")
