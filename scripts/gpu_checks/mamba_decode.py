@@ -27,6 +27,10 @@ The benchmark also times each fused step with programmatic dependent launch off 
 ``--scan-step`` runs only the batch-16 / 64 op-by-op step with dt_proj inside the scan kernel
 (``kernels.mamba_decode.mamba1_scan_step``) against dt_proj as its own matmul: teacher-forced logits
 and step times; then the step time at batch 64 under the scan kernel's tile settings in ``SCAN_SWEEP``.
+``--split-k`` does the same for the split-K matmuls (``SPLIT_SWEEP``); ``--head`` for the step's LM head +
+greedy pick kernels (``kernels.mamba_decode.lm_head_logits``): the kernel against cuBLAS's F.linear at
+mamba1-130m's head and odd shapes (logits, pick, re-runs) and timed against cuBLAS + float32 copy + argmax,
+the step against the cuBLAS end at batch 16 / 64, then ``HEAD_SWEEP``.
 
 Run on the GPU machine:  PYTHONPATH=. python3 scripts/gpu_checks/mamba_decode.py [--sweep] [--generate]
 (``--generate`` then runs ``scripts/bench_generate.py --only throughput --presets mamba1-130m``, mamba_ssm
@@ -66,6 +70,7 @@ OP2 = "mamba2_decode_block"
 OP_SCAN = "mamba1_scan_step"  # dt_proj + scan in one kernel: the op-by-op step's tail at batch > 4
 OP_PARTIALS, OP_ADD_NORM, OP_CONV = "linear_partials", "add_norm_partials", "conv_step_partials"  # split-K step
 OP_LOGITS = "decode_logits"  # final norm + LM head + float32 logits in one kernel (batch <= 4)
+OP_HEAD = "lm_head_logits"  # LM head + float32 logits + greedy pick in two kernels (batch 5-64)
 PDL_ENV = "SSM_SUITE_PDL"  # kernels.pdl
 FUSED_MAMBA2_ENV = "SSM_SUITE_FUSED_MAMBA2_DECODE"  # core.cuda_graph.FUSED_MAMBA2_ENV
 SHAPE2 = dict(d_model=768, nheads=24, headdim=64, d_state=128, ngroups=1, width=4)
@@ -578,26 +583,33 @@ def _split_k_on():
         yield
 
 
-def _split_k_rows(batches=(16, 64)):
-    """mamba1-130m at batches past the fused block step: decode_step's default path (x_proj and out_proj as
-    split-K partials where linear_partials runs on triton) against the path without them (the op forced to
-    its reference backend, which turns the split-K path off): teacher-forced logits and step times."""
+def _path_rows(rows: list[dict], times: list[dict], on: Callable, off: Callable, what: str, marker: str,
+               batches=(16, 64)) -> tuple[list[dict], list[dict]]:
+    """mamba1-130m at batches past the fused block step: decode_step's default path inside ``on()`` against
+    the path inside ``off()`` (an op forced to its reference backend, which turns the new path off):
+    teacher-forced logits and step times, appended to ``rows`` and ``times``. The check fails when the
+    step path does not name ``marker`` (the new path did not run)."""
     from core.cuda_graph import decode_step_path
 
     model = build_model()
-    rows, times = _split_k_kernel_rows(), []
     steps = 8 if SMOKE else 32
     for batch in ((6,) if SMOKE else batches):
-        new = _Runner(model, batch, 16 + steps + 2, _split_k_on)
-        old = _Runner(model, batch, 16 + steps + 2, lambda: forced_backend("reference", OP_PARTIALS))
-        with _split_k_on():
+        new = _Runner(model, batch, 16 + steps + 2, on)
+        old = _Runner(model, batch, 16 + steps + 2, off)
+        with on():
             path = decode_step_path(model, batch)
-        row, time_row = _step_comparison(model, batch, steps, new, old, "split-K matmuls vs cuBLAS",
-                                         path if "split-K" in path else "vacuous")
+        row, time_row = _step_comparison(model, batch, steps, new, old, what, path if marker in path else "vacuous")
         rows.append(row)
         times.append(time_row)
         del new, old
     return rows, times
+
+
+def _split_k_rows():
+    """The split-K matmuls (x_proj, out_proj and in_proj as partials where linear_partials runs on triton)
+    against cuBLAS's: the kernels, then the step."""
+    return _path_rows(_split_k_kernel_rows(), [], _split_k_on, lambda: forced_backend("reference", OP_PARTIALS),
+                      "split-K matmuls vs cuBLAS", "split-K")
 
 
 # TILES overrides of kernels/mamba_decode/triton_splitk.py that --split-k times at batch 64.
@@ -626,6 +638,101 @@ def _split_sweep_rows(batch: int = 64):
         finally:
             splitk.TILES = default
         yield {"kernel": f"split-K tiles {override or 'default'}", "shape": f"batch {batch}", "ours_fwd_ms": ms}
+
+
+def _head_kernel_rows() -> tuple[list[dict], list[dict]]:
+    """lm_head_logits (triton) at mamba1-130m's LM head (50280 x 768) and at odd shapes: its logits against
+    cuBLAS's F.linear in the weights' dtype (16-bit logits differ by one spacing of the dtype at most, from
+    another order of float32 additions before the rounding), its greedy pick against torch.argmax of its
+    own logits (exactly) and of cuBLAS's (away from near-ties); bit-identical re-runs. Then its time against cuBLAS + float32 copy +
+    torch.argmax."""
+    from kernels.mamba_decode import lm_head_logits
+
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    rows, times = [], []
+    shapes = [(64, 50280, 50280, 768), (16, 50280, 50280, 768), (37, 1000, 1024, 200), (5, 50277, 50280, 768)]
+    for batch, vocab, padded, d_model in (shapes[2:3] if SMOKE else shapes):
+        for dtype in ((torch.float32,) if SMOKE else (torch.bfloat16, torch.float32)):
+            hidden = torch.randn(batch, d_model, generator=gen, device=DEV).to(dtype)
+            weight = (torch.randn(padded, d_model, generator=gen, device=DEV) / d_model**0.5).to(dtype)
+            greedy, again_greedy = (torch.full((batch,), -1, dtype=torch.long, device=DEV) for _ in range(2))
+            with forced_backend("triton", OP_HEAD):
+                got = lm_head_logits(hidden, weight, vocab, greedy)
+                again = lm_head_logits(hidden, weight, vocab, again_greedy)
+            want = torch.nn.functional.linear(hidden, weight)[:, :vocab].float()
+            spacing = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+            ulps = ((got - want).abs() / spacing).max().item() if dtype != torch.float32 else 0.0
+            top2 = want.topk(2, dim=-1).values
+            untied = int(((greedy != want.argmax(-1)) & ((top2[:, 0] - top2[:, 1]) >= TIE)).sum())
+            own = torch.equal(greedy, got.argmax(-1))
+            same = torch.equal(got, again) and torch.equal(greedy, again_greedy)
+            row = check_row("lm_head_logits vs cuBLAS F.linear", (batch, vocab, padded, d_model), dtype,
+                            rel(got, want), None, 1e-2 if dtype != torch.float32 else 1e-5,
+                            note=f"max diff {ulps:.2f} x eps*|logit| (16-bit); pick = argmax of its logits {own}; "
+                                 f"picks "
+                                 f"differing from cuBLAS's away from near-ties {untied}; re-run bit-identical {same}")
+            row["pass"] = row["pass"] and own and same and untied == 0 and ulps <= 1.0
+            rows.append(row)
+            if d_model == 768 and dtype == torch.bfloat16:
+                out = torch.empty(batch, dtype=torch.long, device=DEV)
+
+                def ours():
+                    with forced_backend("triton", OP_HEAD):
+                        lm_head_logits(hidden, weight, vocab, out)
+
+                def cublas():
+                    torch.argmax(torch.nn.functional.linear(hidden, weight)[:, :vocab].float(), dim=-1, out=out)
+                times.append({"kernel": "LM head + float32 logits + greedy pick", "shape": f"batch {batch}",
+                              "ours_fwd_ms": _timed(ours), "baseline_fwd_ms": _timed(cublas)})
+    return rows, times
+
+
+def _head_on():
+    """lm_head_logits on its triton backend (the default on CUDA; the interpreter under --cpu-smoke)."""
+    return forced_backend("triton", OP_HEAD)
+
+
+def _head_rows():
+    """The step's end as lm_head_logits' kernels against the cuBLAS LM head + float32 copy + torch.argmax:
+    the kernels, then the step."""
+    return _path_rows(*_head_kernel_rows(), _head_on, lambda: forced_backend("reference", OP_HEAD),
+                      "LM head kernels vs cuBLAS + argmax", "greedy pick")
+
+
+# TILES overrides of kernels/mamba_decode/triton_head.py that --head times at batch 64 (whole steps).
+HEAD_SWEEP = [
+    {"prefetch": 0},
+    {"prefetch": 256},
+    {"prefetch": 768},  # whole rows: ~65 us against ~43 alone (L2 thrashed: 77 MB of weights, 50 MB of L2)
+    {"BN": 64},
+    {"BN": 64, "BK": 128, "stages": 3},
+    {"BK": 128, "stages": 3},
+    {"warps": 8},
+]
+
+
+def _head_sweep_rows(batch: int = 64):
+    """Yields the step time of decode_step's default path at ``batch`` under each HEAD_SWEEP setting,
+    with its logits against the default tiles'."""
+    import kernels.mamba_decode.triton_head as head
+
+    model = build_model()
+    batch = batch if not SMOKE else 6
+    default = dict(head.TILES)
+    base = None
+    for override in [{}] + HEAD_SWEEP:
+        head.TILES = {**default, **override}
+        try:
+            runner = _Runner(model, batch, 64, _head_on)
+            _prefill(model, runner, batch)
+            logits = runner.step(torch.arange(batch, device=DEV)).clone()
+            base = logits if base is None else base
+            ms = _time_replays(runner)
+            del runner
+        finally:
+            head.TILES = default
+        yield {"kernel": f"head tiles {override or 'default'}", "shape": f"batch {batch}", "ours_fwd_ms": ms,
+               "note": f"logits vs default tiles {rel(logits, base):.1e}"}
 
 
 def _m2_model_checks() -> list[dict]:
@@ -837,6 +944,8 @@ def main() -> None:
                         help="only the batch-16/64 step with dt_proj inside the scan kernel (check + time)")
     parser.add_argument("--split-k", action="store_true",
                         help="only the batch-16/64 step with split-K matmuls (checks + times + tile sweep)")
+    parser.add_argument("--head", action="store_true",
+                        help="only the batch-16/64 step's LM head + greedy pick kernels (checks + times + tile sweep)")
     args = parser.parse_args()
     MAMBA2_ONLY = args.mamba2_only
     start = time.time()
@@ -845,8 +954,8 @@ def main() -> None:
         DEV, SMOKE = "cpu", True
     print(f"torch {torch.__version__}, device: "
           f"{torch.cuda.get_device_name() if not SMOKE else 'cpu (interpreter)'}", flush=True)
-    if args.scan_step or args.split_k:
-        rows, times = _split_k_rows() if args.split_k else _scan_step_rows()
+    if args.scan_step or args.split_k or args.head:
+        rows, times = _head_rows() if args.head else _split_k_rows() if args.split_k else _scan_step_rows()
         print("| case | shape | dtype | rel err | result | note |\n|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['name']} | {row['shape']} | {row['dtype']} | {_fmt(row['err_fwd'])} | "
@@ -856,7 +965,8 @@ def main() -> None:
             ours, base = row["ours_fwd_ms"], row["baseline_fwd_ms"]
             print(f"| {row['kernel']} | {row['shape']} | {_fmt(ours)} | {_fmt(base)} | {base / ours:.2f}x |")
         print("\n| setting | shape | step ms | note |\n|---|---|---|---|", flush=True)
-        for row in _guarded(_split_sweep_rows() if args.split_k else _scan_sweep_rows()):
+        sweep = _head_sweep_rows() if args.head else _split_sweep_rows() if args.split_k else _scan_sweep_rows()
+        for row in _guarded(sweep):
             print(f"| {row['kernel']} | {row['shape']} | {_fmt(row.get('ours_fwd_ms'))} | {row.get('note', '')} |",
                   flush=True)
         return
