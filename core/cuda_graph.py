@@ -149,6 +149,16 @@ def _fusable(model: nn.Module) -> bool:
         type(block) is Block and isinstance(block.norm, RMSNorm) for block in backbone.layers)
 
 
+def _bias_free_head(model: nn.Module) -> bool:
+    """A standard model (:func:`_fusable`) whose LM head has no bias: what the step's end kernels take."""
+    return _fusable(model) and getattr(model.lm_head, "bias", None) is None
+
+
+def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device``, or the model's when None."""
+    return next(model.parameters()).device if device is None else torch.device(device)
+
+
 # --------------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +172,7 @@ def fused_mamba1_blocks(model: nn.Module, batch_size: int = 1,
     if not _fusable(model):
         return []
     layers = model.backbone.layers
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    device = _device(model, device)
     too_large = FUSED_MAMBA1_MAX_BATCH is not None and batch_size > FUSED_MAMBA1_MAX_BATCH
     if too_large or mamba1_decode_backend(device) != "triton":
         return [False] * len(layers)
@@ -179,7 +189,7 @@ def partials_mamba1_blocks(model: nn.Module, batch_size: int = 1,
     if not _fusable(model):
         return []
     layers = model.backbone.layers
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    device = _device(model, device)
     small = FUSED_MAMBA1_MAX_BATCH is None or batch_size <= FUSED_MAMBA1_MAX_BATCH
     large = PARTIALS_MAMBA1_MAX_BATCH is not None and batch_size > PARTIALS_MAMBA1_MAX_BATCH
     if small or large or linear_partials_backend(device) != "triton":
@@ -191,9 +201,9 @@ def fused_logits(model: nn.Module, batch_size: int = 1, device: torch.device | s
     """Whether :func:`decode_step` ends with the one-kernel final norm + LM head + float32 logits
     (``kernels.mamba_decode.decode_logits``): a standard :class:`CausalLM` with a bias-free LM head, on a
     device where that op picks its Triton backend, for batches the kernel takes (at most 4 rows)."""
-    if not _fusable(model) or getattr(model.lm_head, "bias", None) is not None:
+    if not _bias_free_head(model):
         return False
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    device = _device(model, device)
     if decode_logits_backend(device) != "triton":
         return False
     return decode_logits_unsupported(batch_size, model.config.d_model, model.lm_head.weight.dtype) is None
@@ -204,13 +214,13 @@ def head_kernel(model: nn.Module, batch_size: int = 1, device: torch.device | st
     head writing float32 logits, and the greedy pick in-kernel): a standard :class:`CausalLM` with a
     bias-free LM head, past :func:`fused_logits`' batches and up to ``HEAD_KERNEL_MAX_BATCH`` rows, on a
     device where that op picks its Triton backend."""
-    if not _fusable(model) or getattr(model.lm_head, "bias", None) is not None:
+    if not _bias_free_head(model):
         return False
     if fused_logits(model, batch_size, device):
         return False
     if HEAD_KERNEL_MAX_BATCH is not None and batch_size > HEAD_KERNEL_MAX_BATCH:
         return False
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    device = _device(model, device)
     weight = model.lm_head.weight
     if lm_head_logits_backend(device) != "triton":
         return False
@@ -226,7 +236,7 @@ def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
     if not _fusable(model):
         return []
     layers = model.backbone.layers
-    device = next(model.parameters()).device if device is None else torch.device(device)
+    device = _device(model, device)
     too_large = FUSED_MAMBA2_MAX_BATCH is not None and batch_size > FUSED_MAMBA2_MAX_BATCH
     if os.environ.get(FUSED_MAMBA2_ENV) == "0" or too_large or mamba2_decode_backend(device) != "triton":
         return [False] * len(layers)

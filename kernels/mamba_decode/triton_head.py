@@ -96,6 +96,7 @@ def _pick_kernel(pkey_ptr, pidx_ptr, out_ptr, T, stride_pm, BT: tl.constexpr, PD
     best_idx = tl.full([], NO_INDEX, tl.int32)
     # Tiles come in vocabulary order and each partial holds its tile's first maximal index, so the first
     # maximal partial holds the row's: a later block replaces the running pick only when strictly larger.
+    # Every logit's key (-inf's included) is above KEY_MIN, so the first block always replaces it.
     for t0 in range(0, T, BT):
         t = t0 + tl.arange(0, BT)
         tmask = t < T
@@ -103,8 +104,7 @@ def _pick_kernel(pkey_ptr, pidx_ptr, out_ptr, T, stride_pm, BT: tl.constexpr, PD
         index = tl.load(pidx_ptr + row * stride_pm + t, mask=tmask, other=NO_INDEX)
         block_best = tl.max(key, axis=0)
         block_idx = tl.min(tl.where((key == block_best) & tmask, index, NO_INDEX), axis=0)
-        take = (block_best > best) | (best_idx == NO_INDEX)
-        best_idx = tl.where(take, block_idx, best_idx)
+        best_idx = tl.where(block_best > best, block_idx, best_idx)
         best = tl.maximum(best, block_best)
     tl.store(out_ptr + row, best_idx.to(tl.int64))
 

@@ -1,18 +1,42 @@
-"""What the Mamba-1 and Mamba-2 fused block-step tests share: the three forms of the residual stream,
-fresh copies of the arguments (states are updated in place), the block's own output, and a run of the
-public op on a forced backend. The tests import it from beside them (pytest runs with
---import-mode=importlib: no sys.path entry for the tests folder)."""
+"""What the decoding-kernel tests share: the Triton module under test or a skip of the whole test
+module (:func:`triton_kernels`), seeded random inputs, and for the Mamba-1 and Mamba-2 fused block steps
+the three forms of the residual stream, fresh copies of the arguments (states are updated in place), the
+block's own output, and a run of the public op on a forced backend. The tests import it from beside them
+(pytest runs with --import-mode=importlib: no sys.path entry for the tests folder)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
+from types import ModuleType
 
+import pytest
 import torch
 
 from kernels.dispatch import forced_backend
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def triton_kernels(module: str) -> ModuleType:
+    """The Triton kernels ``module`` (e.g. "kernels.mamba_decode.triton_head"), imported; or a skip of the
+    calling test module without triton, where the kernels cannot load, or with neither the interpreter
+    (TRITON_INTERPRET=1, the tests' default: tests/conftest.py) nor a GPU."""
+    pytest.importorskip("triton")
+    try:
+        kernels = importlib.import_module(module)
+    except ImportError as error:  # pragma: no cover - triton present but unusable here
+        pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+    return kernels
+
+
+def rnd(*shape, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard-normal values drawn in float64 from a seeded CPU generator, on DEVICE in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

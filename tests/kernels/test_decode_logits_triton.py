@@ -6,27 +6,20 @@ torch.library checks and errors. The H100 run: scripts/gpu_checks/mamba_decode.p
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from kernels.dispatch import forced_backend
+from kernels.mamba_decode import decode_logits
 
-from kernels.dispatch import forced_backend  # noqa: E402
-from kernels.mamba_decode import decode_logits  # noqa: E402
+# The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_block import DEVICE, triton_kernels  # noqa: E402
 
-try:
-    from kernels.mamba_decode import triton_logits  # noqa: E402
-except ImportError as error:  # pragma: no cover - triton present but unusable here
-    pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
-
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+triton_logits = triton_kernels("kernels.mamba_decode.triton_logits")
 
 
 def make(batch, d_model=48, vocab=83, padded=96, dtype=torch.float32, stream="x+res", seed=0):

@@ -13,32 +13,22 @@ threads of a program only a GPU run can show: scripts/gpu_checks/mamba_decode.py
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-
-from kernels.mamba_decode import mamba2_decode_block  # noqa: E402
-
-try:
-    from kernels.mamba_decode import triton_mamba2 as m2  # noqa: E402
-except ImportError as error:  # pragma: no cover - triton present but unusable here
-    pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
-
-from kernels.dispatch import forced_backend  # noqa: E402
+from kernels.dispatch import forced_backend
+from kernels.mamba_decode import mamba2_decode_block
 
 # The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_block import DEVICE, check_sixteen_bit_state, copy, rel, run_block, stream_in, with_stream  # noqa: E402
+from decode_block import (DEVICE, check_sixteen_bit_state, copy, rel, run_block, stream_in,  # noqa: E402
+                          triton_kernels, with_stream)
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+m2 = triton_kernels("kernels.mamba_decode.triton_mamba2")
+import triton  # noqa: E402  (importable: triton_kernels skipped the module otherwise)
 
 OP = "mamba2_decode_block"
 

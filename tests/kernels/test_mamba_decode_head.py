@@ -8,39 +8,25 @@ a GPU: scripts/gpu_checks/mamba_decode.py (--head)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+from kernels.dispatch import forced_backend
+from kernels.mamba_decode import lm_head_logits, lm_head_logits_unsupported
 
-from kernels.dispatch import forced_backend  # noqa: E402
-from kernels.mamba_decode import lm_head_logits, lm_head_logits_unsupported  # noqa: E402
-
-try:
-    from kernels.mamba_decode import triton_head  # noqa: E402
-except ImportError as error:  # pragma: no cover - triton present but unusable here
-    pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
-
+# The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_block import DEVICE, rel  # noqa: E402
+from decode_block import DEVICE, rel, rnd, triton_kernels  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
+triton_head = triton_kernels("kernels.mamba_decode.triton_head")
+import triton  # noqa: E402  (importable: triton_kernels skipped the module otherwise)
+import triton.language as tl  # noqa: E402
 
 OP = "lm_head_logits"
-
-
-def rnd(*shape, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
 def run(backend: str, hidden: torch.Tensor, weight: torch.Tensor, vocab: int):

@@ -9,40 +9,25 @@ cuBLAS path is in tests/core/test_decode_step.py; races only a GPU shows: script
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton")
+from kernels.causal_conv1d import causal_conv1d_step
+from kernels.dispatch import forced_backend
+from kernels.mamba_decode import (add_norm_partials, conv_step_partials, linear_partials, linear_partials_splits,
+                                  mamba1_scan_step)
+from kernels.mamba_decode.reference import split_bounds, sum_partials
+from kernels.norm import rms_norm
 
-from kernels.causal_conv1d import causal_conv1d_step  # noqa: E402
-from kernels.dispatch import forced_backend  # noqa: E402
-from kernels.mamba_decode import (add_norm_partials, conv_step_partials, linear_partials,  # noqa: E402
-                                  linear_partials_splits, mamba1_scan_step)
-from kernels.mamba_decode.reference import split_bounds, sum_partials  # noqa: E402
-from kernels.norm import rms_norm  # noqa: E402
-
-try:
-    from kernels.mamba_decode import triton_splitk  # noqa: E402
-except ImportError as error:  # pragma: no cover - triton present but unusable here
-    pytest.skip(f"triton kernels cannot load: {error}", allow_module_level=True)
-
+# The shared helpers beside this file (pytest imports tests with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_block import DEVICE, rel  # noqa: E402
+from decode_block import rel, rnd, triton_kernels  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
-
-
-def rnd(*shape, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+triton_splitk = triton_kernels("kernels.mamba_decode.triton_splitk")
 
 
 def both(op: str, fn, *args):
