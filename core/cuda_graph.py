@@ -31,8 +31,12 @@ Pieces:
   next op sums (:meth:`~core.layers.mamba1.Mamba1.step_partials`). The step ends with the final norm, LM
   head and float32 logits in one kernel up to 4 rows (:func:`fused_logits`), and past them, up to
   ``HEAD_KERNEL_MAX_BATCH`` rows, with an LM head kernel that also leaves per-tile greedy partials and a
-  kernel that picks the greedy token (:func:`head_kernel`). ``generate`` uses it with and without graphs,
-  so both produce identical tokens.
+  kernel that picks the greedy token (:func:`head_kernel`). From ``ROW_GROUPS_MIN_BATCH`` rows, when every
+  block takes the split-K step and the SSM states are 16-bit, the blocks run on ``ROW_GROUPS`` row groups
+  concurrently (side streams,
+  parallel branches of a captured graph; :func:`decode_row_groups`): each group's chain of small kernels
+  is latency-bound, and two of them overlap; the LM head then runs once on all rows. ``generate`` uses it
+  with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -56,12 +60,13 @@ from __future__ import annotations
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from core.backbone import Backbone, Block, CausalLM, upcast_residual_dtype
-from core.cache import InferenceCache
+from core.cache import ConvSSMCache, InferenceCache
 from core.layers.mamba1 import Mamba1
 from core.layers.mamba2 import Mamba2
 from core.layers.norm import RMSNorm
@@ -92,6 +97,11 @@ PARTIALS_MAMBA1_MAX_BATCH: int | None = 64
 # logits and the greedy pick, 2 kernels instead of cuBLAS, a float32 copy and torch.argmax (measured on
 # an H100 at batch 64: docs/kernels/mamba_decode.md, "LM head"). Larger batches are cuBLAS's matmuls.
 HEAD_KERNEL_MAX_BATCH: int | None = 64
+# Batches of at least this many rows whose blocks all take the split-K step run them as ROW_GROUPS row
+# groups concurrently (decode_row_groups; None: never): measured on an H100 at batch 64
+# (docs/kernels/mamba_decode.md, "Row groups").
+ROW_GROUPS = 2
+ROW_GROUPS_MIN_BATCH: int | None = 48
 # Prefill graphs (CUDAGraphRunner.prefill): prompts of at most this many tokens (batch x length), and
 # this many prompt lengths kept per runner (each holds its activations in its own memory pool).
 PREFILL_GRAPH_MAX_TOKENS = 2048
@@ -243,12 +253,15 @@ def fused_mamba2_blocks(model: nn.Module, batch_size: int = 1,
     return [isinstance(block.mixer, Mamba2) and block.mixer.fused_step_unsupported() is None for block in layers]
 
 
-def decode_step_path(model: nn.Module, batch_size: int = 1) -> str:
-    """Which step :func:`decode_step` runs for ``model`` on its device at this batch size, in words
-    (benchmarks print it)."""
+def decode_step_path(model: nn.Module, batch_size: int = 1, ssm_state_dtype: torch.dtype | None = None) -> str:
+    """Which step :func:`decode_step` runs for ``model`` on its device at this batch size and SSM state
+    dtype (None: float32), in words (benchmarks print it)."""
     if not _fusable(model):
         return "the model's own forward"
-    path = _blocks_path(model, batch_size)
+    groups = decode_row_groups(model, batch_size, ssm_state_dtype=ssm_state_dtype)
+    path = _blocks_path(model, batch_size // groups)
+    if groups > 1:
+        path = f"{groups} row groups of {batch_size // groups} concurrently, each {path}"
     if fused_logits(model, batch_size):
         return f"{path}; logits in one kernel"
     return f"{path}; LM head + greedy pick kernels" if head_kernel(model, batch_size) else path
@@ -282,10 +295,39 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
     ``Block.forward`` in fewer kernels. Mamba-1 blocks that :func:`fused_mamba1_blocks` marks run as one
     fused block step (add + norm + mixer + the residual add of their own output, in 3 kernels), equal to
     the op-by-op step up to the order of floating-point additions; so do the Mamba-2 blocks that
-    :func:`fused_mamba2_blocks` marks (opt-in). Other models run their own forward.
+    :func:`fused_mamba2_blocks` marks (opt-in). Where :func:`decode_row_groups` says so, the blocks run on
+    row groups concurrently (side CUDA streams; branches of a captured graph) and the LM head on all rows.
+    Other models run their own forward.
     """
     if not _fusable(model):
         return _pick(model(input_ids[:, None], cache=cache, num_last_tokens=1).logits[:, -1], greedy_out)
+    backbone = model.backbone
+    batch, device = input_ids.shape[0], input_ids.device
+    groups = decode_row_groups(model, batch, device, _ssm_state_dtype(cache))
+    if groups > 1:
+        bounds = [(g * batch // groups, (g + 1) * batch // groups) for g in range(groups)]
+        hidden = torch.cat(_concurrently([
+            lambda lo=lo, hi=hi: _final_hidden(model, *_blocks_step(model, input_ids[lo:hi], _row_view(cache, lo, hi)))
+            for lo, hi in bounds], device))
+        cache.seqlen_offset += 1
+    else:
+        out, residual, partials, stream_dtype = _blocks_step(model, input_ids, cache)
+        cache.seqlen_offset += 1
+        if fused_logits(model, batch, device):
+            return _pick(decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
+                                       backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
+                                       model.config.vocab_size, stream_dtype), greedy_out)
+        hidden = _final_hidden(model, out, residual, partials, stream_dtype)
+    if head_kernel(model, batch, device):
+        return lm_head_logits(hidden, model.lm_head.weight, model.config.vocab_size, greedy_out)
+    return _pick(model.lm_head(hidden)[..., : model.config.vocab_size].float(), greedy_out)
+
+
+def _blocks_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache) -> tuple:
+    """The embedding and every block of :func:`decode_step` (cache's host counters unmoved). Returns the
+    stream as (out, residual, partials, stream_dtype): the residual stream [B, 1, D] plus the last block's
+    output not yet added (``out`` [B, 1, D], or out_proj's split-K ``partials`` with their dtype; None
+    when the block added its own)."""
     backbone = model.backbone
     out = backbone.embedding(input_ids[:, None])  # [B, 1, d_model]
     # The residual stream's dtype, as Backbone / Block keep it.
@@ -322,17 +364,72 @@ def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: InferenceCache
         out = block.mixer(h.to(block.norm.weight.dtype), cache=layer_cache)
         if isinstance(out, tuple):  # the MoE's (y, aux)
             out = out[0]
-    cache.seqlen_offset += 1
-    device = out.device if out is not None else residual.device
-    if fused_logits(model, input_ids.shape[0], device):
-        return _pick(decode_logits(None if out is None else out[:, 0], None if residual is None else residual[:, 0],
-                                   backbone.norm_f.weight, backbone.norm_f.eps, model.lm_head.weight,
-                                   model.config.vocab_size, stream_dtype), greedy_out)
-    hidden, _ = _add_and_norm(backbone.norm_f, out, residual, partials, stream_dtype)
-    hidden = hidden[:, 0].to(model.lm_head.weight.dtype)
-    if head_kernel(model, input_ids.shape[0], device):
-        return lm_head_logits(hidden, model.lm_head.weight, model.config.vocab_size, greedy_out)
-    return _pick(model.lm_head(hidden)[..., : model.config.vocab_size].float(), greedy_out)
+    return out, residual, partials, stream_dtype
+
+
+def _final_hidden(model: nn.Module, out: torch.Tensor | None, residual: torch.Tensor | None,
+                  partials: tuple[torch.Tensor, torch.dtype] | None, stream_dtype: torch.dtype) -> torch.Tensor:
+    """The final norm of :func:`_blocks_step`'s stream: the LM head's input [B, D] in its weights' dtype."""
+    hidden, _ = _add_and_norm(model.backbone.norm_f, out, residual, partials, stream_dtype)
+    return hidden[:, 0].to(model.lm_head.weight.dtype)
+
+
+def decode_row_groups(model: nn.Module, batch_size: int = 1, device: torch.device | str | None = None,
+                      ssm_state_dtype: torch.dtype | None = None) -> int:
+    """How many row groups :func:`decode_step` runs its blocks on, concurrently: ``ROW_GROUPS`` where every
+    block takes the split-K step (:func:`partials_mamba1_blocks`: Mamba-1 blocks only, whose caches are
+    per row), the batch has at least ``ROW_GROUPS_MIN_BATCH`` rows and the SSM states are 16-bit
+    (``ssm_state_dtype``; None: float32, generate's default), else 1. Each group's kernels are
+    latency-bound chains; two of them fill the GPU's idle time. With float32 states, twice the scan
+    step's bytes, two groups were slower (docs/kernels/mamba_decode.md, "Row groups")."""
+    if ROW_GROUPS < 2 or ROW_GROUPS_MIN_BATCH is None or batch_size < max(ROW_GROUPS_MIN_BATCH, ROW_GROUPS):
+        return 1
+    if ssm_state_dtype is None or ssm_state_dtype.itemsize > 2:
+        return 1
+    split = partials_mamba1_blocks(model, batch_size, device)
+    if not split or not all(split):
+        return 1
+    # Each group must still take the split-K step.
+    return ROW_GROUPS if all(partials_mamba1_blocks(model, batch_size // ROW_GROUPS, device)) else 1
+
+
+def _ssm_state_dtype(cache: InferenceCache) -> torch.dtype | None:
+    """The widest dtype of the cache's SSM states (None without any)."""
+    dtypes = [layer.ssm_state.dtype for layer in cache.layers if isinstance(layer, ConvSSMCache)]
+    return max(dtypes, key=lambda dtype: dtype.itemsize, default=None)
+
+
+def _row_view(cache: InferenceCache, lo: int, hi: int) -> InferenceCache:
+    """Rows [lo, hi) of a cache of per-row Mamba-1 states: views, so that in-place updates reach ``cache``."""
+    layers = [ConvSSMCache(conv_state=layer.conv_state[lo:hi], ssm_state=layer.ssm_state[lo:hi])
+              for layer in cache.layers]
+    return InferenceCache(layers=layers, batch_size=hi - lo, max_seqlen=cache.max_seqlen,
+                          seqlen_offset=cache.seqlen_offset)
+
+
+_SIDE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _concurrently(fns: list[Callable[[], torch.Tensor]], device: torch.device) -> list[torch.Tensor]:
+    """Run ``fns`` (each enqueueing GPU work and returning one tensor) concurrently: the first on the
+    current stream, the others on side streams that fork from it and join it again (inside a graph
+    capture, parallel branches of the graph). Elsewhere than on CUDA, one after another."""
+    if device.type != "cuda":
+        return [fn() for fn in fns]
+    main = torch.cuda.current_stream(device)
+    sides = _SIDE_STREAMS.setdefault(device, [])
+    while len(sides) < len(fns) - 1:
+        sides.append(torch.cuda.Stream(device=device))
+    results = [None] * len(fns)
+    for index, side in enumerate(sides[: len(fns) - 1], start=1):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            results[index] = fns[index]()
+    results[0] = fns[0]()
+    for index, side in enumerate(sides[: len(fns) - 1], start=1):
+        main.wait_stream(side)
+        results[index].record_stream(main)  # made on the side stream, read on this one
+    return results
 
 
 def _pick(logits: torch.Tensor, greedy_out: torch.Tensor | None) -> torch.Tensor:

@@ -160,7 +160,7 @@ def throughput_row(preset: str, batch: int, args: argparse.Namespace, device: to
     same = (eager.tokens == graphed.tokens).all(dim=1) & (eager.tokens == replayed.tokens).all(dim=1)
     row["correct"] = "yes" if bool(same.all()) else f"NO ({int((~same).sum())}/{batch} rows differ)"
     row["graph"] = graphed.cuda_graph
-    row["step"] = decode_step_path(model, batch)
+    row["step"] = decode_step_path(model, batch, STATE_DTYPES[args.ssm_state_dtype])
 
     def seconds(mode: bool | CUDAGraphDecoder, repeats: int, label: str) -> float:
         return median_seconds([timed(lambda: generate(model, ids, cuda_graph=mode, **kwargs), device)

@@ -21,8 +21,9 @@ pytest.importorskip("triton")
 import core.cuda_graph as cuda_graph  # noqa: E402
 from core.backbone import CausalLM  # noqa: E402
 from core.config import AttentionConfig, Mamba1Config, Mamba2Config, ModelConfig  # noqa: E402
-from core.cuda_graph import (CUDAGraphDecoder, decode_step, decode_step_path, fused_logits,  # noqa: E402
-                             fused_mamba1_blocks, fused_mamba2_blocks, head_kernel, partials_mamba1_blocks)
+from core.cuda_graph import (CUDAGraphDecoder, allocate_decode_cache, decode_row_groups, decode_step,  # noqa: E402
+                             decode_step_path, fused_logits, fused_mamba1_blocks, fused_mamba2_blocks, head_kernel,
+                             partials_mamba1_blocks)
 from core.generate import generate  # noqa: E402
 from kernels.dispatch import forced_backend  # noqa: E402
 
@@ -57,12 +58,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def prefilled(model: CausalLM, batch: int, steps: int):
+def prefilled(model: CausalLM, batch: int, steps: int, ssm_state_dtype: torch.dtype | None = None):
     """A cache after a prefill of 5 random tokens, and ``steps`` fixed tokens [steps, B] to decode next."""
     torch.manual_seed(1)
     ids = torch.randint(0, 61, (batch, 5), device=DEVICE)
     tokens = torch.randint(0, 61, (steps, batch), device=DEVICE)
-    cache = model.allocate_cache(batch, 5 + steps)
+    cache = allocate_decode_cache(model, batch, 5 + steps, torch.device(DEVICE), ssm_state_dtype)
     with torch.no_grad():
         model(ids, cache=cache)
     return cache, tokens
@@ -264,14 +265,14 @@ def test_large_batch_step_runs_dt_proj_inside_the_scan_kernel(monkeypatch):
 SPLIT_OPS = ("linear_partials", "add_norm_partials", "conv_step_partials")
 
 
-def split_k_steps(model: CausalLM, batch: int, steps: int, on: bool):
+def split_k_steps(model: CausalLM, batch: int, steps: int, on: bool, ssm_state_dtype: torch.dtype | None = None):
     """teacher_forced's step with the split-K ops on their triton backend (``on``: decode_step takes the
     split-K path where it can) or on their reference backend (the path is off: cuBLAS-style op by op)."""
-    cache, tokens = prefilled(model, batch, steps)
+    cache, tokens = prefilled(model, batch, steps, ssm_state_dtype)
     backend = "triton" if on else "reference"
     with forced_backend(backend, SPLIT_OPS[0]), forced_backend(backend, SPLIT_OPS[1]), \
             forced_backend(backend, SPLIT_OPS[2]):
-        path = decode_step_path(model, batch)
+        path = decode_step_path(model, batch, ssm_state_dtype)
         logits = torch.stack([decode_step(model, token, cache) for token in tokens])
     return logits, cache, path
 
@@ -325,6 +326,46 @@ def test_split_k_step_limits(monkeypatch):
             decoder = CUDAGraphDecoder(model, capture=False)
             tokens[backend] = generate(model, prompts, max_new_tokens=5, temperature=0, cuda_graph=decoder).tokens
     assert torch.equal(tokens["triton"], tokens["reference"])
+
+
+def test_row_groups_equal_one_group(monkeypatch):
+    """Where every block takes the split-K step, the SSM states are 16-bit and the batch reaches
+    ROW_GROUPS_MIN_BATCH, decode_step runs the blocks on two row groups (concurrently on CUDA) and the LM
+    head on all rows: the same kernels on fewer rows, so the logits, the states and the greedy tokens
+    equal the one-group step's bit for bit."""
+    model = build(config("SS"))
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(cuda_graph, "ROW_GROUPS_MIN_BATCH", 10)
+    with forced_backend("triton", SPLIT_OPS[0]):
+        too_large = cuda_graph.PARTIALS_MAMBA1_MAX_BATCH + 1
+        assert [decode_row_groups(model, b, ssm_state_dtype=bf16) for b in (9, 10, 12, too_large)] == [1, 2, 2, 1]
+        assert decode_row_groups(model, 12) == 1  # float32 states: two groups were slower on an H100
+        assert decode_row_groups(build(config("S*S")), 12, ssm_state_dtype=bf16) == 1  # attention's cache
+        monkeypatch.setattr(cuda_graph, "ROW_GROUPS_MIN_BATCH", 8)
+        assert decode_row_groups(model, 8, ssm_state_dtype=bf16) == 1  # groups of 4: the fused block step
+        monkeypatch.setattr(cuda_graph, "ROW_GROUPS_MIN_BATCH", 10)
+    assert decode_row_groups(model, 12, ssm_state_dtype=bf16) == 1  # CPU default: the reference backend
+    grouped, grouped_cache, path = split_k_steps(model, 12, 3, on=True, ssm_state_dtype=bf16)
+    assert path.startswith("2 row groups of 6 concurrently, each op by op (fused add+norm; split-K")
+    assert split_k_steps(model, 12, 1, on=True)[2].startswith("op by op")
+    monkeypatch.setattr(cuda_graph, "ROW_GROUPS_MIN_BATCH", None)
+    whole, whole_cache, path = split_k_steps(model, 12, 3, on=True, ssm_state_dtype=bf16)
+    assert path.startswith("op by op")
+    assert torch.equal(grouped, whole)
+    for layer, whole_layer in zip(grouped_cache.layers, whole_cache.layers):
+        assert torch.equal(layer.conv_state, whole_layer.conv_state)
+        assert torch.equal(layer.ssm_state, whole_layer.ssm_state)
+    torch.manual_seed(4)
+    prompts = torch.randint(0, 61, (12, 4), device=DEVICE)
+    tokens = {}
+    for groups_from in (10, None):
+        monkeypatch.setattr(cuda_graph, "ROW_GROUPS_MIN_BATCH", groups_from)
+        with forced_backend("triton", SPLIT_OPS[0]), forced_backend("triton", SPLIT_OPS[1]), \
+                forced_backend("triton", SPLIT_OPS[2]), forced_backend("triton", "lm_head_logits"):
+            decoder = CUDAGraphDecoder(model, capture=False)
+            tokens[groups_from] = generate(model, prompts, max_new_tokens=4, temperature=0, cuda_graph=decoder,
+                                           ssm_state_dtype=bf16).tokens
+    assert torch.equal(tokens[10], tokens[None])
 
 
 def test_split_k_output_handed_to_a_fused_block(monkeypatch):
