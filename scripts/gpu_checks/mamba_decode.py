@@ -357,12 +357,13 @@ class _Runner:
     """A CUDAGraphRunner captured (or, under --cpu-smoke, run eagerly) and stepped inside ``setting()``, a
     context manager that picks the step's path."""
 
-    def __init__(self, model, batch: int, length: int, setting: Callable[[], contextlib.AbstractContextManager]):
+    def __init__(self, model, batch: int, length: int, setting: Callable[[], contextlib.AbstractContextManager],
+                 ssm_state_dtype: torch.dtype | None = None):
         from core.cuda_graph import CUDAGraphRunner
 
         self.setting, self.batch_size = setting, batch
         with setting():
-            self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE)
+            self.runner = CUDAGraphRunner(model, batch, length, capture=not SMOKE, ssm_state_dtype=ssm_state_dtype)
 
     def begin(self, length: int):
         return self.runner.begin(length)
@@ -584,21 +585,23 @@ def _split_k_on():
 
 
 def _path_rows(rows: list[dict], times: list[dict], on: Callable, off: Callable, what: str, marker: str,
-               batches=(16, 64)) -> tuple[list[dict], list[dict]]:
+               batches=(16, 64), state_dtypes=(None,)) -> tuple[list[dict], list[dict]]:
     """mamba1-130m at batches past the fused block step: decode_step's default path inside ``on()`` against
     the path inside ``off()`` (an op forced to its reference backend, which turns the new path off):
-    teacher-forced logits and step times, appended to ``rows`` and ``times``. The check fails when the
-    step path does not name ``marker`` (the new path did not run)."""
+    teacher-forced logits and step times, appended to ``rows`` and ``times``, for each batch and SSM state
+    dtype (None: float32). The check fails when the step path does not name ``marker`` (the new path did
+    not run)."""
     from core.cuda_graph import decode_step_path
 
     model = build_model()
     steps = 8 if SMOKE else 32
-    for batch in ((6,) if SMOKE else batches):
-        new = _Runner(model, batch, 16 + steps + 2, on)
-        old = _Runner(model, batch, 16 + steps + 2, off)
+    for batch, state_dtype in [(b, d) for b in ((6,) if SMOKE else batches) for d in state_dtypes]:
+        new = _Runner(model, batch, 16 + steps + 2, on, state_dtype)
+        old = _Runner(model, batch, 16 + steps + 2, off, state_dtype)
         with on():
-            path = decode_step_path(model, batch)
-        row, time_row = _step_comparison(model, batch, steps, new, old, what, path if marker in path else "vacuous")
+            path = decode_step_path(model, batch, state_dtype)
+        label = what if state_dtype is None else f"{what}, {str(state_dtype).removeprefix('torch.')} states"
+        row, time_row = _step_comparison(model, batch, steps, new, old, label, path if marker in path else "vacuous")
         rows.append(row)
         times.append(time_row)
         del new, old
@@ -609,7 +612,7 @@ def _split_k_rows():
     """The split-K matmuls (x_proj, out_proj and in_proj as partials where linear_partials runs on triton)
     against cuBLAS's: the kernels, then the step."""
     return _path_rows(_split_k_kernel_rows(), [], _split_k_on, lambda: forced_backend("reference", OP_PARTIALS),
-                      "split-K matmuls vs cuBLAS", "split-K")
+                      "split-K matmuls vs cuBLAS", "split-K", state_dtypes=(None, torch.bfloat16))
 
 
 # TILES overrides of kernels/mamba_decode/triton_splitk.py that --split-k times at batch 64.
