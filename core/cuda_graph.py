@@ -33,10 +33,9 @@ Pieces:
   ``HEAD_KERNEL_MAX_BATCH`` rows, with an LM head kernel that also leaves per-tile greedy partials and a
   kernel that picks the greedy token (:func:`head_kernel`). From ``ROW_GROUPS_MIN_BATCH`` rows, when every
   block takes the split-K step and the SSM states are 16-bit, the blocks run on ``ROW_GROUPS`` row groups
-  concurrently (side streams,
-  parallel branches of a captured graph; :func:`decode_row_groups`): each group's chain of small kernels
-  is latency-bound, and two of them overlap; the LM head then runs once on all rows. ``generate`` uses it
-  with and without graphs, so both produce identical tokens.
+  concurrently (side streams; parallel branches of a captured graph; :func:`decode_row_groups`): each
+  group's chain of small kernels is latency-bound, and two of them overlap; the LM head then runs once on
+  all rows. ``generate`` uses it with and without graphs, so both produce identical tokens.
 - :class:`CUDAGraphRunner`: one captured step with its static cache, input ids and logits. The warm-up
   runs on a side stream (it compiles the Triton kernels, sets up cuBLAS and fills the memos), then the
   step is captured in its own memory pool and the cache is cleared. ``capture=False`` runs the same
@@ -97,9 +96,10 @@ PARTIALS_MAMBA1_MAX_BATCH: int | None = 64
 # logits and the greedy pick, 2 kernels instead of cuBLAS, a float32 copy and torch.argmax (measured on
 # an H100 at batch 64: docs/kernels/mamba_decode.md, "LM head"). Larger batches are cuBLAS's matmuls.
 HEAD_KERNEL_MAX_BATCH: int | None = 64
-# Batches of at least this many rows whose blocks all take the split-K step run them as ROW_GROUPS row
-# groups concurrently (decode_row_groups; None: never): measured on an H100 at batch 64
-# (docs/kernels/mamba_decode.md, "Row groups").
+# Batches of at least this many rows whose blocks all take the split-K step, with 16-bit SSM states, run
+# the blocks as ROW_GROUPS row groups concurrently (decode_row_groups; None: never). Measured on an H100
+# (docs/kernels/mamba_decode.md, "Row groups"): faster at 48 and 64 rows, slower at 32 and with float32
+# states.
 ROW_GROUPS = 2
 ROW_GROUPS_MIN_BATCH: int | None = 48
 # Prefill graphs (CUDAGraphRunner.prefill): prompts of at most this many tokens (batch x length), and
