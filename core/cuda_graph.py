@@ -43,8 +43,9 @@ Pieces:
   :meth:`CUDAGraphRunner.prefill` captures the prompt's forward too, for a prompt length seen a second
   time: at batch 1 a 512-token prefill of mamba1-130m is ~15 ms of Python and launches around ~2.4 ms of
   GPU work (docs/generation.md). Only prompts without padding, of at most ``PREFILL_GRAPH_MAX_TOKENS``
-  tokens (batch x length; longer prefills are GPU-bound), for models made of Mamba-1, Mamba-2,
-  attention and MLP blocks; ``PREFILL_GRAPHS`` lengths per runner, least recently used dropped.
+  tokens (batch x length; each graph's memory pool holds the forward's peak activations), for models made
+  of Mamba-1, Mamba-2, attention and MLP blocks; ``PREFILL_GRAPHS`` lengths per runner, least recently
+  used dropped.
 - :class:`CUDAGraphDecoder`: the runners of one model keyed by (batch size, the shapes of the cache), so
   repeated ``generate`` calls of the same shape reuse a graph (a Mamba-only model's cache does not depend
   on the sequence length, so one graph serves every length; length-dependent caches are allocated to a
@@ -103,8 +104,10 @@ HEAD_KERNEL_MAX_BATCH: int | None = 64
 ROW_GROUPS = 2
 ROW_GROUPS_MIN_BATCH: int | None = 48
 # Prefill graphs (CUDAGraphRunner.prefill): prompts of at most this many tokens (batch x length), and
-# this many prompt lengths kept per runner (each holds its activations in its own memory pool).
-PREFILL_GRAPH_MAX_TOKENS = 2048
+# this many prompt lengths kept per runner. Each holds the forward's peak activations in its own memory
+# pool (~1 GB for 64 x 512 tokens of mamba1-130m). On an H100 that prompt's eager prefill was host-bound
+# on some machines (30-32 ms against 24.8 replayed; docs/generation.md).
+PREFILL_GRAPH_MAX_TOKENS = 32768
 PREFILL_GRAPHS = 4
 
 
@@ -574,6 +577,10 @@ class CUDAGraphRunner:
             self.cache.set_seqlen(length)  # a replay moves the device state only
         return logits
 
+    # Its caller enters torch.inference_mode(False), which turns grad mode back on: without no_grad the
+    # captured forward recorded autograd and saved its activations for a backward (the scan's checkpoints
+    # too), 32 GB for a 64 x 512 prompt of mamba1-130m on an H100 against 1.2 GB, and replayed slower.
+    @torch.no_grad()
     def _capture_prefill(self, model: nn.Module, ids: torch.Tensor) -> tuple:
         static_ids = ids.detach().clone()
         if not self.capture:

@@ -9,6 +9,8 @@ the cache's reset / host counters. CUDA (skipped here): real capture equals eage
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -218,6 +220,43 @@ def test_prefill_lengths_kept_per_runner(monkeypatch):
     assert cuda_graph.prefill_graph_unsafe_reason(build(get_preset("hyena-tiny"))) is not None
     assert cuda_graph.prefill_graph_unsafe_reason(build(get_preset("jamba-tiny"))) is not None  # MoE
     assert cuda_graph.prefill_graph_unsafe_reason(model) is None
+
+
+def test_prefill_capture_records_no_autograd(monkeypatch):
+    """The prefill graph is captured under no_grad. Its caller enters inference_mode(False), which turns
+    grad mode back on; a capture with autograd on saved every activation for a backward (32 GB for a
+    64 x 512 prompt of mamba1-130m). CUDA's stream and graph calls are stubbed, so that the capture path
+    runs here."""
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def replay(self):
+            pass
+
+    captures = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph):
+        captures.append(torch.is_grad_enabled())
+        yield
+
+    for name, value in (("Stream", Stub), ("CUDAGraph", Stub), ("current_stream", Stub),
+                        ("stream", lambda stream: contextlib.nullcontext()), ("graph", graph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    model = build(get_preset("mamba1-tiny"), torch.float32)
+    runner = CUDAGraphDecoder(model, capture=False).runner(1, 16)
+    runner.capture = True  # the capture path, on the stubs
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_grad_enabled()))
+    for _ in range(2):  # the second prompt of a length is captured
+        runner.begin(16)
+        runner.prefill(torch.tensor([[5, 9, 2, 7, 1]]))
+    assert captures == [False] and modes == [False, False, False]  # eager, warm-up, capture
+    assert runner.prefills[5][2] is not None
 
 
 def test_runner_refuses_to_step_past_its_cache():
