@@ -405,10 +405,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int, batch_size: int 
 CACHE_KINDS = ("kv", "kv_mask", "conv_state", "ssm_state", "hyena_history")
 
 
-def _state_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(real, complex) dtype of the recurrent states for a cache in ``dtype``: float32 / complex64, or
-    float64 / complex128 for a float64 cache (as the Mamba and S4D mixers allocate them)."""
-    return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
+def _complex_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The S4D state's dtype for a cache in ``dtype``: complex64, or complex128 for a float64 cache (as
+    the mixer allocates it; the Mamba states' real dtype is ``core.cache.ssm_state_dtype_for``)."""
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 def layer_cache_bytes(char: str, config: ModelConfig, seqlen: int, batch: int = 1,
@@ -419,7 +419,7 @@ def layer_cache_bytes(char: str, config: ModelConfig, seqlen: int, batch: int = 
     states in ``ssm_state_dtype`` (``core.cache.ssm_state_dtype_for``: float32 by default)."""
     d = config.d_model
     size = dtype.itemsize
-    _, state_complex = _state_dtypes(dtype)
+    state_complex = _complex_state_dtype(dtype)
     state_real = ssm_state_dtype_for(dtype, ssm_state_dtype)
     if char == P.MAMBA1:
         c = config.mamba1

@@ -26,9 +26,12 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from kernels.mamba_decode.reference import STATE_DTYPES
+
 T = TypeVar("T")
 
-SSM_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The state dtypes a cache may hold: the ones the decoding-step kernels take (float32, bfloat16, float16).
+SSM_STATE_DTYPES = STATE_DTYPES
 
 
 def ssm_state_dtype_for(cache_dtype: torch.dtype, ssm_state_dtype: torch.dtype | None) -> torch.dtype:

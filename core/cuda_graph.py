@@ -579,7 +579,7 @@ class CUDAGraphRunner:
 
     # Its caller enters torch.inference_mode(False), which turns grad mode back on: without no_grad the
     # captured forward recorded autograd and saved its activations for a backward (the scan's checkpoints
-    # too), 32 GB for a 64 x 512 prompt of mamba1-130m on an H100 against 1.2 GB, and replayed slower.
+    # too), 32 GB for a 64 x 512 prompt of mamba1-130m on an H100 against ~1 GB, and replayed slower.
     @torch.no_grad()
     def _capture_prefill(self, model: nn.Module, ids: torch.Tensor) -> tuple:
         static_ids = ids.detach().clone()
